@@ -1,0 +1,17 @@
+"""QSilk: micrograin stabilization and adaptive quantile clipping for latent diffusion.
+
+The core is framework-agnostic torch (no WebUI import). Host glue lives in `qsilk.hosts`.
+"""
+from .aqclip import AQClipState, aqclip
+from .clamp import limit, micro_clamp, tail_quantiles
+from .probe import entropy_map
+from .settings import DEFAULT_PRESET, PARAMS, PRESETS, Param, Settings, SettingsError
+from .stabilizer import Stabilizer, eps_after_x0_change, eps_to_x0, x0_to_eps
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AQClipState", "DEFAULT_PRESET", "PARAMS", "PRESETS", "Param", "Settings", "SettingsError",
+    "Stabilizer", "aqclip", "entropy_map", "eps_after_x0_change", "eps_to_x0", "limit",
+    "micro_clamp", "tail_quantiles", "x0_to_eps",
+]

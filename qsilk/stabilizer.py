@@ -1,0 +1,322 @@
+"""The per-job stabilizer: step window, per-pass EMA state, ε↔x0, and the run report (spec §4).
+
+A host adapter creates one `Stabilizer` per job, calls `begin_pass` before each sampler
+invocation, `post_cfg` (or `post_cfg_eps`) on every denoiser evaluation, and `pre_decode` on
+each pass's output latent before it is decoded or upscaled. Nothing here reads globals; the
+state dies with the object.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .aqclip import AQClipState, aqclip
+from .clamp import micro_clamp
+from .settings import Settings
+
+log = logging.getLogger("qsilk")
+
+#: ᾱ below this is a zero-terminal-SNR row: x0 from ε is undefined there, so the row passes through.
+ALPHA_BAR_MIN = 1e-6
+
+#: ``f(denoised, x_noisy, sigma, c_skip) -> denoised``: a pre-conditioner (Q-Sched) run before the clamp.
+Preconditioner = Callable[[torch.Tensor, torch.Tensor | None, Any, Any], torch.Tensor]
+
+
+def eps_to_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """x0 from a variance-preserving latent and its ε prediction.
+
+    Math: ``x0 = (x_t − √(1−ᾱ)·ε) / √ᾱ``; `alpha_bar` is per row (shape ``(B,)``) or a scalar.
+    """
+    a = _rows(alpha_bar, x_t)
+    return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def x0_to_eps(x_t: torch.Tensor, x0: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """ε from a variance-preserving latent and an x0: ``ε = (x_t − √ᾱ·x0) / √(1−ᾱ)``."""
+    a = _rows(alpha_bar, x_t)
+    return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+
+def eps_after_x0_change(eps: torch.Tensor, alpha_bar: torch.Tensor, x0: torch.Tensor,
+                        x0_new: torch.Tensor) -> torch.Tensor:
+    """The ε whose x0 is `x0_new`, computed as a correction so unchanged rows stay bit-exact.
+
+    Math: ``ε' = ε − √(ᾱ/(1−ᾱ))·(x0' − x0)`` (spec §4.1). Rows with ᾱ < 1e-6 return ε unchanged.
+    """
+    a = _rows(alpha_bar, eps).to(torch.float32)
+    scale = torch.where(a < ALPHA_BAR_MIN, torch.zeros_like(a), (a / (1 - a).clamp_min(1e-12)).sqrt())
+    delta = (x0_new.to(torch.float32) - x0.to(torch.float32)) * scale
+    return torch.where(delta == 0, eps, (eps.to(torch.float32) - delta).to(eps.dtype))
+
+
+def _rows(v: Any, like: torch.Tensor) -> torch.Tensor:
+    v = torch.as_tensor(v, device=like.device, dtype=torch.float32)
+    return v.reshape(-1, *([1] * (like.dim() - 1))) if v.dim() else v
+
+
+def progress(step: int, total_steps: int) -> float:
+    """Progress ``i/(n−1)`` of evaluation i of n in a pass; 1.0 for a one-evaluation pass."""
+    return 1.0 if total_steps <= 1 else min(1.0, max(0.0, step / (total_steps - 1)))
+
+
+def progress_from_sigma(sigma: float, sigma_max: float, sigma_min: float) -> float:
+    """Progress by noise level: ``(log σ_max − log σ)/(log σ_max − log σ_min)``, clipped to [0, 1]."""
+    if not (sigma_max > sigma_min > 0) or not sigma > 0:
+        return 1.0 if sigma <= sigma_min else 0.0
+    p = (math.log(sigma_max) - math.log(sigma)) / (math.log(sigma_max) - math.log(sigma_min))
+    return min(1.0, max(0.0, p))
+
+
+@dataclass
+class _PassState:
+    active: bool = True
+    evaluations_per_step: int = 1
+    sigma_max: float | None = None
+    sigma_min: float | None = None
+    aq_state: AQClipState = field(default_factory=AQClipState)
+    ran_last_eval: dict = field(default_factory=lambda: {"qsilk": False, "aqclip": False})
+
+
+class Stabilizer:
+    """One per job. Applies QSilk and AQClip where the settings say, and counts what it did."""
+
+    def __init__(self, settings: Settings, *, preconditioner: Preconditioner | None = None):
+        self.settings = settings
+        self.preconditioner = preconditioner
+        self._pass = _PassState(active=False)
+        self.passes = 0
+        self.evaluations = 0
+        self.lite_fallbacks = 0
+        self.attn_maps = 0
+        self.errors = 0
+        self.pre_decodes = 0
+        self.seconds = 0.0
+        self.notes: list[str] = []
+        self._nonfinite: torch.Tensor | None = None  # device counter, read once in report()
+        self._clipped: torch.Tensor | None = None  # per-channel count of values changed
+        self._seen: torch.Tensor | None = None  # per-channel count of values seen
+        self._terminal_rows: torch.Tensor | None = None
+        self._pre_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_maps: dict[str, torch.Tensor] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        """Whether this job does anything at all (off, or the Off preset, installs nothing)."""
+        s = self.settings
+        return bool(s.enabled and (s.qsilk_enabled or s.aqclip_enabled))
+
+    def begin_pass(self, *, evaluations_per_step: int = 1, is_hires: bool = False,
+                   sigma_max: float | None = None, sigma_min: float | None = None) -> None:
+        """Start a sampler invocation: fresh EMA state, nothing carried over (spec §3.5)."""
+        self.passes += 1
+        self._pass = _PassState(
+            active=self.enabled and (self.settings.hires or not is_hires),
+            evaluations_per_step=max(1, int(evaluations_per_step)),
+            sigma_max=sigma_max, sigma_min=sigma_min,
+        )
+        self._pre_cache = None
+
+    def note(self, message: str) -> None:
+        """Record a user-visible message once (shown in the report and the console)."""
+        if message not in self.notes:
+            self.notes.append(message)
+            log.warning("QSilk: %s", message)
+
+    # -- per evaluation -------------------------------------------------------------------
+    def in_window(self, step: int | None, total_steps: int | None, sigma: float | None = None) -> bool:
+        s, ps = self.settings, self._pass
+        if step is not None and total_steps:
+            p = progress(step, total_steps)
+        elif sigma is not None and ps.sigma_max is not None and ps.sigma_min is not None:
+            p = progress_from_sigma(float(sigma), ps.sigma_max, ps.sigma_min)
+        else:
+            p = 0.5 * (s.step_start + s.step_end)  # unknown position: treat as inside the window
+        return s.step_start <= p <= s.step_end
+
+    def post_cfg(self, x0: torch.Tensor, step: int | None, total_steps: int | None,
+                 probe_map: torch.Tensor | None = None, *, sigma: Any = None,
+                 nmask: torch.Tensor | None = None, x_noisy: torch.Tensor | None = None,
+                 c_skip: Any = None) -> torch.Tensor:
+        """Stabilise one evaluation's post-CFG x0 prediction (spec §4.1).
+
+        Args:
+            x0: ``(B, C, H, W)`` denoised prediction, any float dtype.
+            step, total_steps: evaluation index i and count n in this pass (None if unknown).
+            probe_map: ``(B, 1, h, w)`` normalised attention entropy of this evaluation, or None.
+            sigma: this evaluation's noise level as a Python float (step-window fallback) or the
+                host's per-row sigma (passed on to the pre-conditioner).
+            nmask: inpainting latent mask, 1 = generated; the change is applied only there.
+            x_noisy, c_skip: the evaluation's noisy input and skip factor, for the pre-conditioner.
+        Returns: a tensor like `x0`; `x0` itself when nothing applies. Never raises.
+        """
+        ps = self._pass
+        if not ps.active:
+            return x0
+        t0 = time.perf_counter()
+        self.evaluations += 1
+        try:
+            out = x0
+            if self.preconditioner is not None:
+                out = self.preconditioner(out, x_noisy, sigma, c_skip)
+            window = self.in_window(step, total_steps, sigma if isinstance(sigma, (int, float)) else None)
+            out = self._apply(out, probe_map, nmask, per_step=True, window=window)
+            return out
+        except Exception as exc:  # the sampler must never see our exception (spec §0)
+            self.errors += 1
+            if self.errors == 1:
+                log.exception("QSilk: stabilizer failed; this evaluation passes through unchanged")
+                self.note(f"stabilizer error, passed through: {exc}")
+            return x0
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def post_cfg_eps(self, x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor,
+                     step: int | None, total_steps: int | None,
+                     probe_map: torch.Tensor | None = None, *, sigma: Any = None,
+                     nmask: torch.Tensor | None = None) -> torch.Tensor:
+        """`post_cfg` for ε samplers: ε→x0 with the sampler's ᾱ, stabilise, back to ε (spec §4.1)."""
+        if not self._pass.active:
+            return eps
+        a = _rows(alpha_bar, x_t)
+        if self._terminal_rows is None:
+            self._terminal_rows = torch.zeros((), dtype=torch.int64, device=eps.device)
+        self._terminal_rows += (a.flatten() < ALPHA_BAR_MIN).sum()
+        safe_a = a.clamp_min(ALPHA_BAR_MIN)
+        x0 = eps_to_x0(x_t.float(), eps.float(), safe_a)
+        x0_new = self.post_cfg(x0, step, total_steps, probe_map, sigma=sigma, nmask=nmask, x_noisy=x_t)
+        if x0_new is x0:
+            return eps
+        return eps_after_x0_change(eps, a, x0, x0_new)
+
+    def pre_decode(self, latent: torch.Tensor, nmask: torch.Tensor | None = None) -> torch.Tensor:
+        """Stabilise a pass's output latent before it is decoded or upscaled (spec §4.2).
+
+        ``auto`` runs a component only if it did not run post-CFG on the pass's last evaluation;
+        ``always`` runs every enabled component; ``off`` nothing. No EMA (fresh Lite confidence).
+        The same latent object is stabilised at most once however many decodes it feeds.
+        """
+        if not self._pass.active or self.settings.pre_decode == "off":
+            return latent
+        if self._pre_cache is not None and self._pre_cache[0] is latent:
+            return self._pre_cache[1]
+        t0 = time.perf_counter()
+        try:
+            out = self._apply(latent, None, nmask, per_step=False, window=True)
+        except Exception as exc:
+            self.errors += 1
+            log.exception("QSilk: pre-decode stabilisation failed; latent passes through")
+            self.note(f"pre-decode error, passed through: {exc}")
+            out = latent
+        finally:
+            self.seconds += time.perf_counter() - t0
+        if out is not latent:
+            self.pre_decodes += 1
+        self._pre_cache = (latent, out)
+        return out
+
+    # -- the two components ---------------------------------------------------------------
+    def _runs(self, component: str, per_step: bool, window: bool) -> bool:
+        s = self.settings
+        if not getattr(s, f"{component}_enabled"):
+            return False
+        placement = getattr(s, f"{component}_placement")
+        if per_step:
+            return placement == "per_step" and window
+        if s.pre_decode == "always":
+            return True
+        return not (placement == "per_step" and self._pass.ran_last_eval[component])
+
+    def _apply(self, x: torch.Tensor, probe_map: torch.Tensor | None, nmask: torch.Tensor | None,
+               *, per_step: bool, window: bool) -> torch.Tensor:
+        s, ps = self.settings, self._pass
+        run_qs = self._runs("qsilk", per_step, window)
+        run_aq = self._runs("aqclip", per_step, window)
+        if per_step:
+            ps.ran_last_eval = {"qsilk": run_qs, "aqclip": run_aq}
+        if not (run_qs or run_aq):
+            return x
+        self._count_nonfinite(x)
+        out = x
+        if run_qs:
+            clamped = micro_clamp(out, s.q_lo, s.q_hi, shape=s.qsilk_shape, alpha=s.qsilk_alpha,
+                                  per_channel=s.qsilk_per_channel)
+            out = _blend(out, clamped, s.qsilk_strength, nmask)
+        if run_aq:
+            use_attn = per_step and s.aqclip_mode == "attn" and probe_map is not None
+            if use_attn:
+                self.attn_maps += 1
+            elif per_step and s.aqclip_mode == "attn" and not ps.aq_state.has_attn:
+                self.lite_fallbacks += 1
+            beta = s.ema_beta ** (1.0 / ps.evaluations_per_step)
+            result = aqclip(
+                out, probe_map if use_attn else None, tile=s.tile, stride=s.stride,
+                shape=s.aqclip_shape, alpha=s.aqclip_alpha, variant=s.aqclip_variant,
+                p_wide=s.p_wide, p_narrow=s.p_narrow, strength=1.0,
+                state=ps.aq_state if per_step else None, sigma_floor=s.sigma_floor,
+                ema_beta=beta, return_maps=s.show_maps,
+            )
+            if s.show_maps:
+                result, maps = result
+                self.last_maps = maps
+            out = _blend(out, result, s.aqclip_strength, nmask)
+        self._count_clipped(x, out)
+        return out
+
+    # -- counters (device tensors; no host sync until report()) ---------------------------
+    def _count_nonfinite(self, x: torch.Tensor) -> None:
+        bad = (~torch.isfinite(x)).flatten(1).any(1).sum()
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad
+
+    def _count_clipped(self, before: torch.Tensor, after: torch.Tensor) -> None:
+        if after is before:
+            return
+        changed = (after != before).sum(dim=(0, 2, 3))
+        seen = torch.full_like(changed, before.shape[0] * before.shape[2] * before.shape[3])
+        if self._clipped is None or self._clipped.shape != changed.shape:
+            self._clipped, self._seen = changed, seen
+        else:
+            self._clipped = self._clipped + changed
+            self._seen = self._seen + seen
+
+    def report(self) -> dict[str, Any]:
+        """What the job did. Reads the device counters once (call at the end of the job)."""
+        nonfinite = int(self._nonfinite.item()) if self._nonfinite is not None else 0
+        if nonfinite:
+            self.note(f"{nonfinite} non-finite sample(s) (NaN/Inf) passed through unchanged")
+        share = []
+        if self._clipped is not None:
+            share = (self._clipped.double() / self._seen.clamp_min(1).double()).tolist()
+        return {
+            "passes": self.passes,
+            "evaluations": self.evaluations,
+            "pre_decodes": self.pre_decodes,
+            "nan_passthrough": nonfinite,
+            "lite_fallbacks": self.lite_fallbacks,
+            "attn_maps": self.attn_maps,
+            "terminal_snr_rows": int(self._terminal_rows.item()) if self._terminal_rows is not None else 0,
+            "changed_share_per_channel": share,
+            "errors": self.errors,
+            "seconds": self.seconds,
+            "notes": list(self.notes),
+        }
+
+
+def _blend(x: torch.Tensor, y: torch.Tensor, strength: float, nmask: torch.Tensor | None) -> torch.Tensor:
+    """``x + s·nmask·(y − x)``; exact `y` at s = 1 without a mask, exact `x` where the weight is 0."""
+    if y is x:
+        return x
+    if nmask is None:
+        if strength >= 1.0:
+            return y
+        if strength <= 0.0:
+            return x
+        return torch.lerp(x, y, strength)
+    w = (nmask.to(torch.float32) * strength).to(x.dtype)
+    return torch.where(w == 0, x, torch.lerp(x, y, w))
