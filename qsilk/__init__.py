@@ -4,7 +4,7 @@ The core is framework-agnostic torch (no WebUI import). Host glue lives in `qsil
 """
 from .aqclip import AQClipState, aqclip
 from .clamp import limit, micro_clamp, tail_quantiles
-from .probe import entropy_map
+from .probe import EntropyProbe, entropy_map, find_probe_layer
 from .settings import DEFAULT_PRESET, PARAMS, PRESETS, Param, Settings, SettingsError
 from .stabilizer import Stabilizer, eps_after_x0_change, eps_to_x0, x0_to_eps
 
@@ -12,6 +12,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AQClipState", "DEFAULT_PRESET", "PARAMS", "PRESETS", "Param", "Settings", "SettingsError",
-    "Stabilizer", "aqclip", "entropy_map", "eps_after_x0_change", "eps_to_x0", "limit",
+    "EntropyProbe", "Stabilizer", "aqclip", "entropy_map", "find_probe_layer", "eps_after_x0_change", "eps_to_x0", "limit",
     "micro_clamp", "tail_quantiles", "x0_to_eps",
 ]
