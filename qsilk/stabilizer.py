@@ -277,7 +277,7 @@ class Stabilizer:
     def _count_clipped(self, before: torch.Tensor, after: torch.Tensor) -> None:
         if after is before:
             return
-        changed = (after != before).sum(dim=(0, 2, 3))
+        changed = ((after != before) & torch.isfinite(before)).sum(dim=(0, 2, 3))
         seen = torch.full_like(changed, before.shape[0] * before.shape[2] * before.shape[3])
         if self._clipped is None or self._clipped.shape != changed.shape:
             self._clipped, self._seen = changed, seen
