@@ -46,6 +46,7 @@ class Param:
     step: float | None = None
     choices: tuple[str, ...] | None = None
     since: int = 1  # infotext version that introduced it
+    pattern: str | None = None  # "str" only: the value must match (infotext-safe names)
 
     def allowed(self) -> str:
         """Human-readable allowed range, used in every error message."""
@@ -55,6 +56,8 @@ class Param:
             return "one of " + ", ".join(repr(c) for c in self.choices)
         if self.kind in ("int", "float"):
             return f"{_fmt(self.minimum)}..{_fmt(self.maximum)}"
+        if self.pattern:
+            return f"empty or a name matching {self.pattern!r} (no , : ; = / \\)"
         return "a string"
 
     def coerce(self, value: Any) -> Any:
@@ -76,6 +79,9 @@ class Param:
             raise err
         if self.kind == "str":
             if isinstance(value, str):
+                value = value.strip()
+                if self.pattern and value and (not re.fullmatch(self.pattern, value) or ".." in value):
+                    raise err
                 return value
             raise err
         if isinstance(value, bool):
@@ -213,12 +219,37 @@ PARAMS: tuple[Param, ...] = (
     Param("show_maps", "Show maps", False, "bool",
           "Add the confidence map and where the clip acted as extra gallery images.",
           "", "debug"),
+    # --- Low-bit models: Q-Sched pre-conditioning (issue #6; README 'quant') -------------------
+    # Model-specific, so never part of a preset; written to infotext when not at their default.
+    Param("qsched", "Q-Sched pre-conditioning", "off", "choice",
+          "Rescale the denoised estimate per noise level, D' = c_F·D + (c_x − c_F)·s·x, before the "
+          "clamp (for low-bit models). off. ramp: the two start values below, ramping to 1 over each "
+          "pass. file: knots from a calibrated coefficient file in <models>/QSilk.",
+          "qsched", "quant", choices=("off", "ramp", "file"), since=1),
+    Param("qsched_cx", "Sample coefficient c_x (start)", 1.0, "float",
+          "ramp: c_x at the first step, going linearly to 1 at the last. Scales the latent's "
+          "share of the estimate; 1 = unchanged. Q-Sched searched 0.8..1.2.",
+          "qcx", "quant", 0.5, 1.5, 0.005, since=1),
+    Param("qsched_cf", "Model coefficient c_F (start)", 1.0, "float",
+          "ramp: c_F at the first step, going linearly to 1 at the last. Scales the network "
+          "output's share (ε / v / velocity); 1 = unchanged.",
+          "qcf", "quant", 0.5, 1.5, 0.005, since=1),
+    Param("qsched_file", "Coefficient file", "", "str",
+          "file: the coefficient file's name in <models>/QSilk (made by `python -m qsilk "
+          "calibrate`). Applied only when it matches the loaded model's hash and weight storage.",
+          "qfile", "quant", pattern=r"[\w][\w .+()-]{0,99}", since=1),
+    Param("qsched_thresholds", "Per-σ clamp targets", False, "bool",
+          "file: take the micro-clamp corridor per noise level from the coefficient file (if it "
+          "has one) instead of the global quantiles. Needs the micro-clamp on.",
+          "qthr", "quant", since=1),
 )
 
 PARAM_BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
 PARAM_BY_INFOTEXT: dict[str, Param] = {p.infotext: p for p in PARAMS if p.infotext}
 #: Parameters a preset sets (everything but the on/off switch, the preset name and debug output).
-PRESET_PARAMS: tuple[str, ...] = tuple(p.name for p in PARAMS if p.group not in ("main", "debug"))
+PRESET_PARAMS: tuple[str, ...] = tuple(p.name for p in PARAMS if p.group not in ("main", "debug", "quant"))
+#: Model-specific parameters: outside every preset, written to infotext when not at their default.
+MODEL_PARAMS: tuple[str, ...] = tuple(p.name for p in PARAMS if p.group == "quant")
 
 
 def _check_consistency(v: Mapping[str, Any], where: str = "") -> None:
@@ -232,6 +263,8 @@ def _check_consistency(v: Mapping[str, Any], where: str = "") -> None:
     if v["step_start"] > v["step_end"]:
         raise SettingsError(
             f"QSilk: step_start must be at most step_end (got {v['step_start']} > {v['step_end']}){suffix}")
+    if v.get("qsched") == "file" and not v.get("qsched_file"):
+        raise SettingsError(f"QSilk: qsched_file must name a coefficient file when qsched is 'file'{suffix}")
     for shape_key, alpha_key in (("qsilk_shape", "qsilk_alpha"), ("aqclip_shape", "aqclip_alpha")):
         if v[shape_key] == "tanh" and v[alpha_key] > 4.0:
             raise SettingsError(
@@ -374,9 +407,11 @@ class _SettingsMethods:
         return [getattr(self, p.name) for p in PARAMS]
 
     def overrides(self) -> dict[str, Any]:
-        """Values that differ from the named preset."""
+        """Values that differ from the named preset (model-specific ones: from their default)."""
         base = PRESETS[self.preset]
-        return {k: getattr(self, k) for k in PRESET_PARAMS if getattr(self, k) != base[k]}
+        out = {k: getattr(self, k) for k in PRESET_PARAMS if getattr(self, k) != base[k]}
+        out.update({k: getattr(self, k) for k in MODEL_PARAMS if getattr(self, k) != PARAM_BY_NAME[k].default})
+        return out
 
     def to_infotext(self) -> str:
         """The compact value of the ``QSilk`` infotext key (no commas or colons, never quoted)."""

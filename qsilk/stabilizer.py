@@ -24,8 +24,11 @@ log = logging.getLogger("qsilk")
 #: ᾱ below this is a zero-terminal-SNR row: x0 from ε is undefined there, so the row passes through.
 ALPHA_BAR_MIN = 1e-6
 
-#: ``f(denoised, x_noisy, sigma, c_skip) -> denoised``: a pre-conditioner (Q-Sched) run before the clamp.
-Preconditioner = Callable[[torch.Tensor, torch.Tensor | None, Any, Any], torch.Tensor]
+#: ``f(denoised, x_noisy, sigma, c_skip, progress) -> denoised``: a pre-conditioner (Q-Sched,
+#: `qsilk.quant`) run on every evaluation before the clamp, whatever the step window; `progress` is
+#: the evaluation's position in the pass (0..1) or None. It may carry per-σ micro-clamp targets as
+#: ``.thresholds``: ``g(x, sigma, *, shape, alpha, per_channel) -> x`` replacing `micro_clamp`.
+Preconditioner = Callable[[torch.Tensor, torch.Tensor | None, Any, Any, Any], torch.Tensor]
 
 
 def eps_to_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
@@ -89,6 +92,7 @@ class Stabilizer:
     def __init__(self, settings: Settings, *, preconditioner: Preconditioner | None = None):
         self.settings = settings
         self.preconditioner = preconditioner
+        self.corridor = getattr(preconditioner, "thresholds", None)
         self._pass = _PassState(active=False)
         self.passes = 0
         self.evaluations = 0
@@ -110,7 +114,7 @@ class Stabilizer:
     def enabled(self) -> bool:
         """Whether this job does anything at all (off, or the Off preset, installs nothing)."""
         s = self.settings
-        return bool(s.enabled and (s.qsilk_enabled or s.aqclip_enabled))
+        return bool(s.enabled and (s.qsilk_enabled or s.aqclip_enabled or self.preconditioner is not None))
 
     def begin_pass(self, *, evaluations_per_step: int = 1, is_hires: bool = False,
                    sigma_max: float | None = None, sigma_min: float | None = None) -> None:
@@ -130,20 +134,26 @@ class Stabilizer:
             log.warning("QSilk: %s", message)
 
     # -- per evaluation -------------------------------------------------------------------
-    def in_window(self, step: int | None, total_steps: int | None, sigma: float | None = None) -> bool:
-        s, ps = self.settings, self._pass
+    def position(self, step: int | None, total_steps: int | None, sigma: float | None = None) -> float | None:
+        """Progress of this evaluation through the pass (0..1), or None when unknown."""
+        ps = self._pass
         if step is not None and total_steps:
-            p = progress(step, total_steps)
-        elif sigma is not None and ps.sigma_max is not None and ps.sigma_min is not None:
-            p = progress_from_sigma(float(sigma), ps.sigma_max, ps.sigma_min)
-        else:
+            return progress(step, total_steps)
+        if sigma is not None and ps.sigma_max is not None and ps.sigma_min is not None:
+            return progress_from_sigma(float(sigma), ps.sigma_max, ps.sigma_min)
+        return None
+
+    def in_window(self, step: int | None, total_steps: int | None, sigma: float | None = None) -> bool:
+        s = self.settings
+        p = self.position(step, total_steps, sigma)
+        if p is None:
             p = 0.5 * (s.step_start + s.step_end)  # unknown position: treat as inside the window
         return s.step_start <= p <= s.step_end
 
     def post_cfg(self, x0: torch.Tensor, step: int | None, total_steps: int | None,
                  probe_map: torch.Tensor | None = None, *, sigma: Any = None,
                  nmask: torch.Tensor | None = None, x_noisy: torch.Tensor | None = None,
-                 c_skip: Any = None) -> torch.Tensor:
+                 c_skip: Any = None, noise_sigma: Any = None) -> torch.Tensor:
         """Stabilise one evaluation's post-CFG x0 prediction (spec §4.1).
 
         Args:
@@ -154,6 +164,8 @@ class Stabilizer:
                 host's per-row sigma (passed on to the pre-conditioner).
             nmask: inpainting latent mask, 1 = generated; the change is applied only there.
             x_noisy, c_skip: the evaluation's noisy input and skip factor, for the pre-conditioner.
+            noise_sigma: σ in k-diffusion's frame when `sigma` is in other units (ε samplers pass
+                the timestep); used by the pre-conditioner and the per-σ clamp targets.
         Returns: a tensor like `x0`; `x0` itself when nothing applies. Never raises.
         """
         ps = self._pass
@@ -163,10 +175,13 @@ class Stabilizer:
         self.evaluations += 1
         try:
             out = x0
+            float_sigma = sigma if isinstance(sigma, (int, float)) else None
+            model_sigma = sigma if noise_sigma is None else noise_sigma
             if self.preconditioner is not None:
-                out = self.preconditioner(out, x_noisy, sigma, c_skip)
-            window = self.in_window(step, total_steps, sigma if isinstance(sigma, (int, float)) else None)
-            out = self._apply(out, probe_map, nmask, per_step=True, window=window)
+                where = self.position(step, total_steps, float_sigma)
+                out = self.preconditioner(out, x_noisy, model_sigma, c_skip, where)
+            window = self.in_window(step, total_steps, float_sigma)
+            out = self._apply(out, probe_map, nmask, per_step=True, window=window, sigma=model_sigma)
             return out
         except Exception as exc:  # the sampler must never see our exception (spec §0)
             self.errors += 1
@@ -190,7 +205,12 @@ class Stabilizer:
         self._terminal_rows += (a.flatten() < ALPHA_BAR_MIN).sum()
         safe_a = a.clamp_min(ALPHA_BAR_MIN)
         x0 = eps_to_x0(x_t.float(), eps.float(), safe_a)
-        x0_new = self.post_cfg(x0, step, total_steps, probe_map, sigma=sigma, nmask=nmask, x_noisy=x_t)
+        x_ve = noise_sigma = None
+        if self.preconditioner is not None or self.corridor is not None:
+            # k-diffusion's frame: x = x_t/√ᾱ, σ = √((1−ᾱ)/ᾱ), so s(σ) keeps its usual meaning
+            x_ve, noise_sigma = x_t.float() / safe_a.sqrt(), ((1 - safe_a) / safe_a).sqrt().flatten()
+        x0_new = self.post_cfg(x0, step, total_steps, probe_map, sigma=sigma, nmask=nmask, x_noisy=x_ve,
+                               noise_sigma=noise_sigma)
         if x0_new is x0:
             return eps
         return eps_after_x0_change(eps, a, x0, x0_new)
@@ -234,7 +254,7 @@ class Stabilizer:
         return not (placement == "per_step" and self._pass.ran_last_eval[component])
 
     def _apply(self, x: torch.Tensor, probe_map: torch.Tensor | None, nmask: torch.Tensor | None,
-               *, per_step: bool, window: bool) -> torch.Tensor:
+               *, per_step: bool, window: bool, sigma: Any = None) -> torch.Tensor:
         s, ps = self.settings, self._pass
         run_qs = self._runs("qsilk", per_step, window)
         run_aq = self._runs("aqclip", per_step, window)
@@ -245,8 +265,12 @@ class Stabilizer:
         self._count_nonfinite(x)
         out = x
         if run_qs:
-            clamped = micro_clamp(out, s.q_lo, s.q_hi, shape=s.qsilk_shape, alpha=s.qsilk_alpha,
-                                  per_channel=s.qsilk_per_channel)
+            if self.corridor is not None and per_step and sigma is not None:
+                clamped = self.corridor(out, sigma, shape=s.qsilk_shape, alpha=s.qsilk_alpha,
+                                        per_channel=s.qsilk_per_channel)
+            else:
+                clamped = micro_clamp(out, s.q_lo, s.q_hi, shape=s.qsilk_shape, alpha=s.qsilk_alpha,
+                                      per_channel=s.qsilk_per_channel)
             out = _blend(out, clamped, s.qsilk_strength, nmask)
         if run_aq:
             use_attn = per_step and s.aqclip_mode == "attn" and probe_map is not None
