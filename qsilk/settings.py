@@ -381,7 +381,10 @@ class _SettingsMethods:
             if not sep:
                 raise SettingsError(f"QSilk: infotext entry {part!r} is not key=value")
             fields[key.strip()] = val.strip()
-        version = int(fields.pop("v", INFOTEXT_VERSION))
+        try:
+            version = int(fields.pop("v", INFOTEXT_VERSION))
+        except ValueError:
+            raise SettingsError(f"QSilk: infotext v must be a version number (got {value!r})") from None
         if version > INFOTEXT_VERSION:
             raise SettingsError(
                 f"QSilk: infotext version {version} is newer than this extension ({INFOTEXT_VERSION}); update QSilk")
@@ -416,7 +419,9 @@ class _SettingsMethods:
     def to_infotext(self) -> str:
         """The compact value of the ``QSilk`` infotext key (no commas or colons, never quoted)."""
         parts = [f"v={INFOTEXT_VERSION}", f"preset={self.preset}"]
-        parts += [f"{PARAM_BY_NAME[k].infotext}={_fmt(v)}" for k, v in self.overrides().items()]
+        # floats as repr (shortest exact round-trip): `_fmt`'s 6 digits would change API-set values
+        parts += [f"{PARAM_BY_NAME[k].infotext}={repr(v) if isinstance(v, float) else _fmt(v)}"
+                  for k, v in self.overrides().items()]
         return "; ".join(parts)
 
     def replace(self, **changes: Any) -> "Settings":
@@ -432,7 +437,9 @@ def _find_infotext_value(text: str) -> str | None:
     text = text.strip()
     if text.startswith("v=") or text.startswith("preset="):
         return text
-    m = re.search(r'(?:^|[,\n])\s*' + INFOTEXT_KEY + r':\s*("(?:\\.|[^\\"])*"|[^,\n]*)', text)
+    # A1111 writes the parameters on the last line; earlier lines are the prompts (which may say "QSilk:")
+    m = re.search(r'(?:^|[,\n])\s*' + INFOTEXT_KEY + r':\s*("(?:\\.|[^\\"])*"|[^,\n]*)',
+                  (text.splitlines() or [""])[-1])
     if not m:
         return None
     value = m.group(1).strip()
