@@ -224,7 +224,7 @@ class Stabilizer:
         """
         if not self._pass.active or self.settings.pre_decode == "off":
             return latent
-        if self._pre_cache is not None and self._pre_cache[0] is latent:
+        if self._pre_cache is not None and any(latent is t for t in self._pre_cache):  # incl. our own output
             return self._pre_cache[1]
         t0 = time.perf_counter()
         try:
