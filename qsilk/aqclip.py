@@ -1,27 +1,331 @@
-"""AQClip: adaptive per-tile quantile corridor (spec §3).
-
-CONTRACT STUB — to be implemented (issue #2). Signatures are fixed.
+"""AQClip: adaptive quantile clip per tile (spec §3) — geometry, tile statistics, corridor, EMA
+and the overlap-add of the limiter's changes. Confidence maps come from `confidence`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import lru_cache
+from statistics import NormalDist
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
+
+from . import confidence as cf
+from .limiter import check_shape_alpha, limit
+
+VARIANTS = ("qsilk", "paper")
+DEFAULT_SHAPE = {"qsilk": "soft", "paper": "tanh"}
+#: |ndtri| clamp of the paper mapping (spec §3.4; the reference code's erfinv clamp gives 4.8916).
+PAPER_Z_MAX = 4.89
 
 
 @dataclass
 class AQClipState:
     """EMA state carried across the evaluations of one pass (spec §3.5).
 
-    `has_attn` is True once an Attn confidence map has been used in this pass.
+    `has_attn` is True once an Attn confidence map has been used in this pass; from then on a call
+    without a map reuses the state without updating it. `key` is ``(variant, shape, grid,
+    device)``; a call with another key resets the state (counted in `shape_resets`): an EMA is
+    never reused across shapes. `value` is the EMA (qsilk: confidence ``(B,1,n_h,n_w)``; paper:
+    the bounds ``(l, h)``, each ``(B,1,n_h,n_w)``), `seen` ``(B,)`` the samples it holds.
     """
     has_attn: bool = False
+    key: tuple | None = None
+    value: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None
+    seen: torch.Tensor | None = None
+    last_confidence: torch.Tensor | None = None
+    updates: int = 0
+    shape_resets: int = 0
+
+    def restart(self, key: tuple | None = None) -> None:
+        """Forget the EMA (keeps the counters)."""
+        self.key, self.value, self.seen, self.last_confidence = key, None, None, None
+        self.has_attn = False
+
+
+class TileGrid(NamedTuple):
+    """Tile geometry of spec §3.1 for one latent size."""
+    tile: int    # T_eff = min(T, H, W)
+    stride: int  # S_eff = max(1, min(S, ⌈T_eff/2⌉))
+    pad_h: int   # reflect padding at the bottom so that (H_pad − T_eff) % S_eff = 0
+    pad_w: int
+    n_h: int     # tiles per column / row
+    n_w: int
+
+
+def tile_grid(h: int, w: int, tile: int, stride: int) -> TileGrid:
+    """Tile geometry (spec §3.1): every pixel covered, by ≥ 2 tiles per axis where the side allows.
+
+    >>> tile_grid(104, 152, 32, 16)
+    TileGrid(tile=32, stride=16, pad_h=8, pad_w=8, n_h=6, n_w=9)
+    """
+    t = min(tile, h, w)
+    s = max(1, min(stride, -(-t // 2)))
+    pad_h, pad_w = -(h - t) % s, -(w - t) % s
+    return TileGrid(t, s, pad_h, pad_w, (h + pad_h - t) // s + 1, (w + pad_w - t) // s + 1)
+
+
+def tile_stats(xp: torch.Tensor, grid: TileGrid, pooled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile mean and population std (spec §3.2), per channel or pooled over channels.
+
+    Math: blocks of ``g×g`` (``g = gcd(T, S)``) give moments around a block pixel (no
+    cancellation); tiles average ``(T/g)²`` blocks in float64: ``μ = E[x]``,
+    ``σ² = E[(x − r)²] − (E[x] − r)²`` per block, combined as ``E[σ_b² + μ_b²] − μ²``. A tile whose
+    values are all equal gets exactly ``σ = 0`` and ``μ =`` that value.
+    Args: xp: padded ``(B, C, H_pad, W_pad)`` float32, contiguous.
+    Returns: ``(μ, σ)``, float64, ``(B, C|1, n_h, n_w)``.
+    """
+    b, c, hp, wp = xp.shape
+    g = math.gcd(grid.tile, grid.stride)
+    if g > 1:
+        r = xp[:, :, ::g, ::g]
+        d = xp.view(b, c, hp // g, g, wp // g, g) - r[:, :, :, None, :, None]
+        s1 = d.sum((3, 5), dtype=torch.float64) / (g * g)
+        s2 = d.square_().sum((3, 5), dtype=torch.float64) / (g * g)
+        m = r.double() + s1
+        ex2 = (s2 - s1 * s1).clamp_min_(0) + m * m
+    else:
+        m = xp.double()
+        s2, ex2 = None, m * m
+    k, q = grid.tile // g, grid.stride // g
+    mu, ex2 = F.avg_pool2d(m, k, q), F.avg_pool2d(ex2, k, q)
+    mmax, mmin = F.max_pool2d(m, k, q), -F.max_pool2d(-m, k, q)
+    const = mmax == mmin
+    if s2 is not None:
+        const &= F.max_pool2d(s2, k, q) == 0
+    if pooled:
+        mu, ex2 = mu.mean(1, keepdim=True), ex2.mean(1, keepdim=True)
+        const = const.all(1, keepdim=True) & (mmax.amax(1, keepdim=True) == mmin.amin(1, keepdim=True))
+    var = (ex2 - mu * mu).clamp_min_(0)
+    return mu, torch.where(const, torch.zeros_like(var), var).sqrt_()
+
+
+def corridor_qsilk(mu, sigma, c, sigma_s, rho: float, p_wide: float, p_narrow: float):
+    """Symmetric corridor widening with confidence (spec §3.4, `qsilk`).
+
+    Math: ``z = z_n + (z_w − z_n)·c``, ``z_n = −ndtri(p_narrow)``, ``z_w = −ndtri(p_wide)``,
+    ``σ_eff = max(σ, ρ·σ_s)``, ``l = μ − z·σ_eff``, ``h = μ + z·σ_eff``.
+
+    >>> corridor_qsilk(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(1.0), torch.tensor(2.0), 1.0, 0.0005, 0.01)
+    (tensor(-6.5811), tensor(6.5811))
+    """
+    z_n, z_w = -NormalDist().inv_cdf(p_narrow), -NormalDist().inv_cdf(p_wide)
+    s = torch.maximum(sigma, rho * sigma_s) if rho > 0 else sigma
+    z = z_n + (z_w - z_n) * c
+    return mu - z * s, mu + z * s
+
+
+def corridor_paper(mu, sigma, c):
+    """The paper's sliding corridor (spec §3.4, `paper`; Algorithm 1 lines 3, 5, sign fixed).
+
+    Math: ``q_ℓ = ½c²``, ``q_h = 1 − ½(1−c)²``, ``l = μ + ndtri(q_ℓ)·σ``, ``h = μ + ndtri(q_h)·σ``,
+    ndtri clamped to ±4.89.
+    Deviates: spec §7 "lower bound sign" (the paper's ``μ − ndtri(q_ℓ)σ`` puts l above μ).
+
+    >>> corridor_paper(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(0.5))
+    (tensor(-1.1503), tensor(1.1503))
+    """
+    zl = torch.special.ndtri(0.5 * c * c).clamp(-PAPER_Z_MAX, PAPER_Z_MAX)
+    zh = torch.special.ndtri(1.0 - 0.5 * (1.0 - c) ** 2).clamp(-PAPER_Z_MAX, PAPER_Z_MAX)
+    return mu + zl * sigma, mu + zh * sigma
+
+
+@lru_cache(maxsize=64)
+def _window(t: int, triangular: bool) -> torch.Tensor:
+    """Tile window (spec §3.6): ``w(i) = 1 − |i − (T−1)/2|/(T/2)`` (> 0 everywhere), or 1."""
+    i = torch.arange(t, dtype=torch.float64)
+    return (1.0 - (i - (t - 1) / 2).abs() / (t / 2)).float() if triangular else torch.ones(t)
+
+
+@lru_cache(maxsize=64)
+def _coverage(n: int, t: int, s: int, triangular: bool) -> torch.Tensor:
+    """``Σ_tiles w(i − origin)`` along one padded axis (the 1-D factor of ``fold(w)``), float64."""
+    idx = (torch.arange(n)[:, None] * s + torch.arange(t)[None, :]).flatten()
+    return torch.zeros((n - 1) * s + t, dtype=torch.float64).index_add_(
+        0, idx, _window(t, triangular).double().repeat(n))
+
+
+def overlap_add_changes(xp, l, h, grid: TileGrid, shape: str, alpha: float, triangular: bool):
+    """``Σ_tiles w·(x − L_tile(x))`` on the padded latent, one tile phase at a time (spec §3.6).
+
+    The ⌈T/S⌉² phases each hold tiles that do not overlap, so each phase is one strided view of
+    `xp` limited at once: memory O(C·H·W). An unchanged value contributes exactly +0.
+    """
+    t, s = grid.tile, grid.stride
+    r = -(-t // s)
+    acc = torch.zeros_like(xp)
+    w = _window(t, triangular).to(xp.device)
+    w2 = (w[:, None, None] * w[None, None, :]) if triangular else None
+    sb, sc, sh, sw = xp.stride()
+    for pi in range(min(r, grid.n_h)):
+        for pj in range(min(r, grid.n_w)):
+            ni, nj = -(-(grid.n_h - pi) // r), -(-(grid.n_w - pj) // r)
+            size, strides = (*xp.shape[:2], ni, t, nj, t), (sb, sc, r * s * sh, sh, r * s * sw, sw)
+            off = pi * s * sh + pj * s * sw
+            xt = xp.as_strided(size, strides, xp.storage_offset() + off)
+            lt = l[:, :, pi::r, pj::r][:, :, :, None, :, None]
+            ht = h[:, :, pi::r, pj::r][:, :, :, None, :, None]
+            change = xt - limit(xt, lt, ht, shape, alpha)
+            if w2 is not None:
+                change.mul_(w2)
+            acc.as_strided(size, strides, off).add_(change)
+    return acc
+
+
+def spread_tiles(v: torch.Tensor, grid: TileGrid, triangular: bool, hw: tuple[int, int]) -> torch.Tensor:
+    """A per-tile ``(B,1,n_h,n_w)`` value as each pixel sees it: ``fold(w·v)/fold(w)``, cropped."""
+    w = _window(grid.tile, triangular).to(v.device)
+    folded = F.conv_transpose2d(v.float(), (w[:, None] * w[None, :])[None, None], stride=grid.stride)
+    den = _den(grid, triangular, v.device)
+    return (folded / den)[..., : hw[0], : hw[1]]
+
+
+def _den(grid: TileGrid, triangular: bool, device) -> torch.Tensor:
+    ch = _coverage(grid.n_h, grid.tile, grid.stride, triangular)
+    cw = _coverage(grid.n_w, grid.tile, grid.stride, triangular)
+    return (ch[:, None] * cw[None, :]).float().to(device)
+
+
+def _ema(state: AQClipState, now, beta: float, finite: torch.Tensor):
+    """``v = β·v_prev + (1−β)·v_now`` per sample; a sample's first finite update sets ``v_now``;
+    non-finite samples keep their previous value (spec §3.5)."""
+    nows = now if isinstance(now, tuple) else (now,)
+    prevs = state.value if isinstance(state.value, tuple) else (state.value,)
+    seen = state.seen if state.seen is not None else torch.zeros_like(finite)
+    ok, was = finite.view(-1, 1, 1, 1), seen.view(-1, 1, 1, 1)
+    out = []
+    for p, n in zip(prevs if state.value is not None else nows, nows):
+        out.append(torch.where(ok, torch.where(was, torch.lerp(n, p, beta), n), p))
+    state.value = tuple(out) if isinstance(now, tuple) else out[0]
+    state.seen, state.updates = seen | finite, state.updates + 1
+    return state.value
+
+
+def _check_args(x, tile, stride, shape, alpha, variant, p_wide, p_narrow, strength, sigma_floor, ema_beta):
+    def num(name, v, lo, hi, lo_open=False, hi_open=False):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not ok or v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
+            rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            raise ValueError(f"{name} must be a finite number in {rng} (got {v!r})")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point() or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty floating (B, C, H, W) tensor (got {getattr(x, 'shape', x)!r})")
+    for name, v in (("tile", tile), ("stride", stride)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be an integer ≥ 1 (got {v!r})")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)} (got {variant!r})")
+    check_shape_alpha(DEFAULT_SHAPE[variant] if shape is None else shape, alpha)
+    num("p_wide", p_wide, 0.0, 0.5, lo_open=True, hi_open=True)
+    num("p_narrow", p_narrow, 0.0, 0.5, lo_open=True, hi_open=True)
+    num("strength", strength, 0.0, 1.0)
+    num("sigma_floor", sigma_floor, 0.0, math.inf)
+    num("ema_beta", ema_beta, 0.0, 1.0, hi_open=True)
+
+
+def _confidence(x32, confidence, variant: str, grid: TileGrid) -> torch.Tensor:
+    """``c`` on the tile grid ``(B,1,n_h,n_w)`` from a given map or Lite (spec §3.3)."""
+    b, _, h, w = x32.shape
+    pool = lambda m: cf.pool_to_tiles(m, grid.pad_h, grid.pad_w, grid.tile, grid.stride)  # noqa: E731
+    if confidence is None:
+        g = pool(cf.lite_map(x32, variant))
+        return cf.normalise_paper(g) if variant == "paper" else cf.normalise_qsilk(g, cf.lite_tau(g))
+    a = pool(cf.resize_map(confidence.to(x32.device), (h, w), b))
+    return cf.normalise_paper(a) if variant == "paper" else cf.normalise_qsilk(a, cf.ATTN_TAU)
 
 
 def aqclip(x: torch.Tensor, confidence: torch.Tensor | None = None, *, tile: int = 32, stride: int = 16,
            shape: str | None = None, alpha: float = 2.0, variant: str = "qsilk", p_wide: float = 0.0005,
            p_narrow: float = 0.01, strength: float = 1.0, state: AQClipState | None = None,
            sigma_floor: float = 1.0, ema_beta: float = 0.8, return_maps: bool = False):
-    """Adaptive quantile clip per tile (spec §3). Returns a tensor like `x`, or
-    ``(tensor, {"confidence": (B,1,H,W), "activity": (B,1,H,W)})`` with `return_maps`."""
-    raise NotImplementedError
+    """Adaptive quantile clip per tile — spec §3 (the paper's Algorithm 1 is ``variant="paper"``).
+
+    Math: per tile (§3.1 geometry, reflect padding) ``μ, σ`` (§3.2) and confidence ``c`` (§3.3;
+    EMA §3.5) give ``[l, h]`` (§3.4); ``Δ = fold(w·(L_tile(x) − x))/fold(w)``,
+    ``x_out = x + s·Δ`` (§3.6) with `w` triangular (qsilk) or 1 (paper).
+
+    Args:
+        x: ``(B, C, H, W)``, any float dtype, any size (also smaller than a tile).
+        confidence: ``(B|1, 1, H', W')`` map in [0, 1], 1 = confident (resized); None = Lite.
+            For `paper` it is used directly as Ĥ (normalised by its max).
+        tile, stride: T and S (≥ 1). shape: hard | soft | tanh; None = soft (qsilk) / tanh (paper).
+        alpha: the limiter's α. variant: ``"qsilk"`` | ``"paper"``.
+        p_wide, p_narrow: tail shares at c = 1 / c = 0 (qsilk). strength: s in [0, 1].
+        state: `AQClipState` carrying the EMA across the evaluations of a pass; None = no EMA.
+        sigma_floor: ρ of ``σ_eff = max(σ, ρ·σ_sample)`` (qsilk; 0 = none). ema_beta: β in [0, 1).
+        return_maps: also return ``{"confidence", "activity"}``, each ``(B,1,H,W)`` float32.
+    Returns:
+        A new tensor like `x` (dtype, device), or ``(tensor, maps)``; statistics in float32/64.
+    Guarantees:
+        Strength 0, a constant sample or tile, and any value no covering tile changes come back
+        bit-for-bit; at strength 1 a pixel stays within [min l, max h] of its covering tiles
+        (hard/soft); every pixel is covered; per sample; a sample with NaN/±Inf passes through
+        unchanged (and leaves the EMA alone); memory O(C·H·W); no host sync.
+    Deviates:
+        spec §7 (qsilk variant): knee limiter, symmetric z-linear corridor, σ floor, per-channel
+        stats, RMS Lite gradient, percentile normalisation, EMA on confidence, triangular window
+        over changes, padded borders. The paper variant keeps only the sign fix, the padding,
+        the overlap-add of changes (equal in exact arithmetic) and a degenerate-corridor clamp.
+
+    >>> x = torch.zeros(1, 1, 4, 4); x[0, 0, 1, 2] = 50.0
+    >>> aqclip(x, tile=4, stride=2, shape="hard")[0, 0, 1, 2] < 50.0
+    tensor(True)
+    """
+    _check_args(x, tile, stride, shape, alpha, variant, p_wide, p_narrow, strength, sigma_floor, ema_beta)
+    shape = DEFAULT_SHAPE[variant] if shape is None else shape
+    b, c, h, w = x.shape
+    grid = tile_grid(h, w, tile, stride)
+    x32 = x.float()
+    s1 = x32.sum((2, 3), dtype=torch.float64)
+    finite = s1.isfinite().all(1)  # float64 sums cannot overflow: non-finite iff a NaN/±Inf
+    xp = F.pad(x32, (0, grid.pad_w, 0, grid.pad_h), mode="reflect") if grid.pad_h or grid.pad_w else x32
+    xp = xp.contiguous()
+    mu, sigma = tile_stats(xp, grid, pooled=variant == "paper")
+    l, hb, conf = _bounds(x32, s1, mu, sigma, confidence, variant, grid, state, finite,
+                          sigma_floor, p_wide, p_narrow, ema_beta)
+    acc = overlap_add_changes(xp, l, hb, grid, shape, alpha, triangular=variant == "qsilk")
+    factor = strength / _den(grid, variant == "qsilk", x.device)[:h, :w]
+    out = x32 - acc[..., :h, :w] * factor
+    ok = finite.view(-1, 1, 1, 1)
+    out = torch.where(ok, out.to(x.dtype), x)
+    if not return_maps:
+        return out
+    zero = torch.zeros((), device=x.device)
+    maps = {"confidence": torch.where(ok, spread_tiles(conf, grid, variant == "qsilk", (h, w)), zero),
+            "activity": torch.where(ok, (out.float() - x32).abs().sum(1, keepdim=True), zero)}
+    return out, maps
+
+
+def _bounds(x32, s1, mu, sigma, confidence, variant, grid, state, finite, rho, p_wide, p_narrow, beta):
+    """``(l, h, c)`` on the tile grid, with the EMA of spec §3.5 (float32)."""
+    key = (variant, tuple(x32.shape), grid, str(x32.device))
+    if state is not None and state.key != key:
+        state.shape_resets += state.key is not None
+        state.restart(key)
+    elif state is not None and confidence is not None and not state.has_attn:
+        state.restart(key)  # the first Attn map restarts the EMA: Lite and Attn maps differ in meaning
+    reuse = state is not None and state.has_attn and confidence is None
+    if reuse:
+        seen = state.seen.view(-1, 1, 1, 1)
+        c = torch.where(seen, state.last_confidence, torch.ones_like(state.last_confidence))
+    else:
+        c = torch.where(finite.view(-1, 1, 1, 1), _confidence(x32, confidence, variant, grid), 1.0)
+    if variant == "paper":
+        l, h = corridor_paper(mu, sigma, c.double())
+        if reuse:
+            l, h = (torch.where(seen, v, n) for v, n in zip(state.value, (l.float(), h.float())))
+        elif state is not None:
+            l, h = _ema(state, (l.float(), h.float()), beta, finite)
+    else:
+        if state is not None and not reuse:
+            c = _ema(state, c, beta, finite)
+        n = x32.shape[2] * x32.shape[3]
+        sigma_s = ((x32 * x32).sum((2, 3), dtype=torch.float64) / n - (s1 / n) ** 2).clamp_min(0).sqrt()
+        l, h = corridor_qsilk(mu, sigma, c.double(), sigma_s[:, :, None, None], rho, p_wide, p_narrow)
+    if state is not None:
+        state.has_attn |= confidence is not None
+        if not reuse:
+            state.last_confidence = c if state.last_confidence is None else torch.where(
+                finite.view(-1, 1, 1, 1), c, state.last_confidence)
+    return l.float(), h.float(), c

@@ -1,0 +1,160 @@
+"""AQClip confidence maps (spec §3.3): the Lite gradient proxy, resizing and pooling a map onto the
+tile grid, and the per-variant normalisation to ``c ∈ [0, 1]`` (1 = confident).
+
+All functions are pure, per sample, float32 (float64 where stated) and free of host syncs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+#: Floor of the percentile spread for a given (Attn) confidence map (spec §3.3).
+ATTN_TAU = 0.05
+
+#: Percentile levels of the `qsilk` normalisation (spec §3.3).
+PERCENTILES = (0.02, 0.5, 0.98)
+
+
+def _sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """3×3 Sobel derivatives of each channel of ``(B, C, H, W)`` with replicate padding.
+
+    Math: ``gx = [1 2 1]ᵀ ⊗ [−1 0 1]``, ``gy = [−1 0 1]ᵀ ⊗ [1 2 1]`` (correlation), written as
+    slice differences so every output value is computed the same way whatever the batch.
+    """
+    p = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    dx = p[..., :, 2:] - p[..., :, :-2]                        # (B, C, H+2, W)
+    gx = torch.addcmul(dx[..., :-2, :] + dx[..., 2:, :], dx[..., 1:-1, :], torch.tensor(2.0, dtype=x.dtype))
+    dy = p[..., 2:, :] - p[..., :-2, :]                        # (B, C, H, W+2)
+    gy = torch.addcmul(dy[..., :-2] + dy[..., 2:], dy[..., 1:-1], torch.tensor(2.0, dtype=x.dtype))
+    return gx, gy
+
+
+def lite_map(x: torch.Tensor, variant: str = "qsilk") -> torch.Tensor:
+    """Lite (proxy) confidence source: local gradient magnitude — spec §3.3.
+
+    Math: `qsilk`: ``g = sqrt(mean_c(gx_c² + gy_c²))`` (RMS over channels of each channel's Sobel
+    magnitude); `paper`: ``g = |∇ mean_c x|`` (Algorithm 1, line 2). Replicate padding.
+
+    Args:
+        x: ``(B, C, H, W)``, any float dtype (computed in float32).
+        variant: ``"qsilk"`` | ``"paper"``.
+    Returns:
+        ``(B, 1, H, W)`` float32, ≥ 0; zero for a constant sample.
+    Deviates:
+        spec §7 "Lite gradient" (qsilk: RMS of per-channel gradients, replicate padding). The
+        paper variant also uses replicate padding (the paper names none; the reference code's
+        zero padding inflates borders).
+
+    >>> lite_map(torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]]))
+    tensor([[[[4., 4.],
+              [4., 4.]]]])
+    """
+    x = x.float()
+    if variant == "paper":
+        gx, gy = _sobel(x.mean(1, keepdim=True))
+        return torch.sqrt(torch.addcmul(gx * gx, gy, gy))
+    gx, gy = _sobel(x)
+    return torch.sqrt(torch.addcmul(gx * gx, gy, gy).mean(1, keepdim=True))
+
+
+def resize_map(conf: torch.Tensor, hw: tuple[int, int], batch: int) -> torch.Tensor:
+    """A given confidence map resized to the latent grid — spec §3.3 (Attn).
+
+    Args:
+        conf: ``(B|1, 1, H', W')`` or ``(B|1, H', W')``, values in [0, 1] (1 = confident).
+        hw: the latent's ``(H, W)``; batch: the latent's B.
+    Returns:
+        ``(B, 1, H, W)`` float32 in [0, 1]: bilinear (antialiased when shrinking); non-finite
+        values count as confident (1.0, the widest `qsilk` corridor).
+    Raises:
+        ValueError naming `confidence` when the shape cannot be matched to the latent.
+    """
+    if conf.dim() == 3:
+        conf = conf.unsqueeze(1)
+    if conf.dim() != 4 or conf.shape[1] != 1 or conf.shape[0] not in (1, batch) or conf.numel() == 0:
+        raise ValueError(f"confidence must be a (B, 1, H', W') map with B = 1 or {batch} "
+                         f"(got {tuple(conf.shape)})")
+    conf = torch.nan_to_num(conf.float(), nan=1.0, posinf=1.0, neginf=0.0)
+    if tuple(conf.shape[-2:]) != tuple(hw):
+        shrink = conf.shape[-2] > hw[0] or conf.shape[-1] > hw[1]
+        conf = F.interpolate(conf, size=hw, mode="bilinear", align_corners=False, antialias=shrink)
+    return conf.clamp(0.0, 1.0).expand(batch, 1, *hw)
+
+
+def pool_to_tiles(m: torch.Tensor, pad_h: int, pad_w: int, tile: int, stride: int) -> torch.Tensor:
+    """Mean of a ``(B, K, H, W)`` map over each tile of the grid — spec §3.1/§3.3.
+
+    Math: reflect-pad bottom/right by ``(pad_h, pad_w)`` exactly like the latent, then average
+    over ``tile×tile`` windows at `stride`, as ``g×g`` block means (``g = gcd(tile, stride)``)
+    averaged over ``(tile/g)²`` blocks: equal-size blocks, so this is the tile mean.
+    Returns:
+        ``(B, K, n_h, n_w)`` in `m`'s dtype.
+
+    >>> pool_to_tiles(torch.arange(16.0).view(1, 1, 4, 4), 0, 0, 2, 2)
+    tensor([[[[ 2.5000,  4.5000],
+              [10.5000, 12.5000]]]])
+    """
+    if pad_h or pad_w:
+        m = F.pad(m, (0, pad_w, 0, pad_h), mode="reflect")
+    g = math.gcd(tile, stride)
+    if g > 1:
+        m = F.avg_pool2d(m, g)
+    return F.avg_pool2d(m, tile // g, stride // g)
+
+
+def _percentiles(a: torch.Tensor) -> torch.Tensor:
+    """``(3, B, 1, 1, 1)``: p2, p50, p98 of each sample's values of a ``(B, 1, n_h, n_w)`` map."""
+    q = torch.tensor(PERCENTILES, dtype=a.dtype, device=a.device)
+    return torch.quantile(a.flatten(1), q, dim=1).view(3, -1, 1, 1, 1)
+
+
+def normalise_qsilk(a: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+    """Anchored percentile normalisation of a confidence source on the tile grid — spec §3.3.
+
+    Math: per sample, ``p2, p98`` percentiles of `a`, ``r = max(p98 − p2, τ)``,
+    ``c = clip(1 − (p98 − a)/r, 0, 1)``. For a source where high = uncertain (entropy E), pass
+    ``a = 1 − E``: this equals the spec's ``clip(1 − (E − p2(E))/r, 0, 1)``.
+
+    Args:
+        a: ``(B, 1, n_h, n_w)`` float32, high = confident (gradient magnitude or confidence).
+        tau: floor of the spread, a float or a ``(B, 1, 1, 1)`` tensor.
+    Returns:
+        ``(B, 1, n_h, n_w)`` float32 in [0, 1].
+    Guarantees:
+        A constant map gives exactly 1; a map whose spread is below τ stays near 1 (no
+        stretching of noise); per sample.
+    Deviates:
+        spec §7 "normalisation" (the paper divides by the max).
+
+    >>> normalise_qsilk(torch.tensor([[[[0.0, 1.0, 2.0, 2.0]]]]), 0.5)[0, 0, 0]
+    tensor([0.0000, 0.4845, 1.0000, 1.0000])
+    """
+    p2, _, p98 = _percentiles(a)
+    r = torch.clamp_min(p98 - p2, tau)
+    return (1.0 - (p98 - a) / r).clamp_(0.0, 1.0)
+
+
+def lite_tau(g: torch.Tensor) -> torch.Tensor:
+    """The Lite spread floor ``τ = 0.5·p50(g) + 1e-12`` per sample, ``(B, 1, 1, 1)``."""
+    return 0.5 * _percentiles(g)[1] + 1e-12
+
+
+def normalise_paper(a: torch.Tensor) -> torch.Tensor:
+    """The paper's ``Ĥ = a / max(a)`` per sample (Algorithm 1, line 2), floored at 1e-12.
+
+    >>> normalise_paper(torch.tensor([[[[1.0, 4.0]]]]))
+    tensor([[[[0.2500, 1.0000]]]])
+    """
+    return a / a.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+
+
+def entropy_to_confidence(entropy: torch.Tensor, variant: str = "qsilk") -> torch.Tensor:
+    """The confidence map AQClip takes, from a normalised attention-entropy map — spec §3.3.
+
+    Math: `qsilk`: ``1 − E`` (entropy is uncertainty); `paper`: ``E`` (the paper and the
+    reference code use normalised entropy directly as Ĥ).
+    Deviates: spec §7 "Attn confidence" (qsilk inverts).
+    """
+    return entropy if variant == "paper" else 1.0 - entropy
