@@ -54,12 +54,13 @@ def skip_factor(sigma: torch.Tensor, prediction: str = "eps", sigma_data: float 
         sigma: noise levels, any shape, float.
         prediction: ``"eps"`` | ``"v"`` | ``"flow"``.
         sigma_data: σ_d of a v-prediction model (1 for SD 2.x / SDXL-v in k-diffusion).
-    Returns: a float32 tensor shaped like `sigma`.
+    Returns: a float32 (float64 for float64 input) tensor shaped like `sigma`.
 
     >>> skip_factor(torch.tensor([0.0, 1.0, 3.0]), "v").tolist()
     [1.0, 0.5, 0.10000000149011612]
     """
-    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    sigma = torch.as_tensor(sigma)
+    sigma = sigma.to(torch.promote_types(sigma.dtype, torch.float32))
     if prediction in ("eps", "flow"):
         return torch.ones_like(sigma)
     if prediction == "v":
@@ -74,7 +75,8 @@ def precondition(denoised: torch.Tensor, x: torch.Tensor, c_f: Any, c_x: Any, s:
         denoised: ``(B, C, H, W)`` guided denoised estimate D, any float dtype.
         x: the evaluation's noisy input, same shape (k-diffusion frame).
         c_f, c_x, s: Python floats, scalars or per-row ``(B,)`` tensors.
-    Returns: a new tensor with D's dtype and device, computed in float32; `denoised` itself when
+    Returns: a new tensor with D's dtype and device, computed in float32 (float64 for float64
+        input); `denoised` itself when
         the coefficients are the Python floats 1.0.
     Guarantees: rows with ``c_F = c_x = 1`` come back bit-for-bit (also −0.0, and NaN in x);
         no host synchronisation.
@@ -85,12 +87,14 @@ def precondition(denoised: torch.Tensor, x: torch.Tensor, c_f: Any, c_x: Any, s:
     >>> torch.equal(precondition(d, x, torch.ones(1), torch.ones(1), 1.0), d)
     True
     """
+    work = torch.promote_types(denoised.dtype, torch.float32)  # float32, or float64 if given
     if all(isinstance(v, (int, float)) for v in (c_f, c_x)):
         if c_f == 1.0 and c_x == 1.0:
             return denoised
-        return (c_f * denoised.float() + (c_x - c_f) * _rows(s, denoised) * x.float()).to(denoised.dtype)
-    c_f, c_x, s = (_rows(v, denoised) for v in (c_f, c_x, s))
-    out = c_f * denoised.float() + (c_x - c_f) * s * x.float()
+        s = _rows(s, denoised, work)
+        return (c_f * denoised.to(work) + (c_x - c_f) * s * x.to(work)).to(denoised.dtype)
+    c_f, c_x, s = (_rows(v, denoised, work) for v in (c_f, c_x, s))
+    out = c_f * denoised.to(work) + (c_x - c_f) * s * x.to(work)
     identity = (c_f == 1) & (c_x == 1)
     return torch.where(identity, denoised, out.to(denoised.dtype))
 
@@ -124,14 +128,14 @@ def interp_log_sigma(sigma: torch.Tensor, knots: torch.Tensor, values: torch.Ten
     lk = knots.float().log()
     vals = values.float()
     if lk.numel() == 1:
-        return vals[0].expand(*sigma.shape, *vals.shape[1:]).clone()
+        return vals[0].expand(tuple(sigma.shape) + tuple(vals.shape[1:])).clone()
     ls = sigma.reshape(-1).clamp_min(torch.finfo(torch.float32).tiny).log()
     ls = torch.minimum(torch.maximum(ls, lk[0]), lk[-1])
     hi = torch.searchsorted(lk, ls.contiguous()).clamp(1, lk.numel() - 1)
     lo = hi - 1
     w = ((ls - lk[lo]) / (lk[hi] - lk[lo])).reshape(-1, *([1] * (vals.dim() - 1)))
     out = vals[lo] + w * (vals[hi] - vals[lo])
-    return out.reshape(*sigma.shape, *vals.shape[1:])
+    return out.reshape(tuple(sigma.shape) + tuple(vals.shape[1:]))
 
 
 def ramp_value(start: float, progress: Any) -> Any:
@@ -217,8 +221,8 @@ def _sigma_rows(sigma: Any, like: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def _rows(v: Any, like: torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(v, dtype=torch.float32).to(like.device)
+def _rows(v: Any, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    t = torch.as_tensor(v).to(device=like.device, dtype=dtype)
     if t.dim() == 0:
         return t
     t = t.reshape(-1)
