@@ -17,7 +17,7 @@ from torch import nn
 
 
 class TinyEps(nn.Module):
-    """A 3-layer random conv ε-predictor with a log σ input channel (k-diffusion VE frame)."""
+    """A 3-layer random conv ε-predictor (residual middle layer, log σ input channel; VE frame)."""
 
     def __init__(self, channels: int = 4, hidden: int = 32, seed: int = 0):
         super().__init__()
@@ -33,8 +33,8 @@ class TinyEps(nn.Module):
         z = x / math.sqrt(sigma ** 2 + 1)
         e = torch.full_like(x[:, :1], math.log(sigma) / 4)
         h = torch.tanh(self.a(torch.cat([z, e], 1)))
-        h = torch.tanh(self.b(h))
-        return 0.7 * z + 0.5 * self.c(h)
+        h = h + torch.tanh(self.b(h))
+        return self.c(h)  # like a UNet's conv_out: all of ε comes through the last layer
 
 
 def eps_denoiser(net: nn.Module):
