@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import confidence as cf
-from .limiter import check_shape_alpha, limit
+from .limiter import check_shape_alpha, limit_change
 
 VARIANTS = ("qsilk", "paper")
 DEFAULT_SHAPE = {"qsilk": "soft", "paper": "tanh"}
@@ -167,10 +167,9 @@ def overlap_add_changes(xp, l, h, grid: TileGrid, shape: str, alpha: float, tria
             xt = xp.as_strided(size, strides, xp.storage_offset() + off)
             lt = l[:, :, pi::r, pj::r][:, :, :, None, :, None]
             ht = h[:, :, pi::r, pj::r][:, :, :, None, :, None]
-            change = xt - limit(xt, lt, ht, shape, alpha)
-            if w2 is not None:
-                change.mul_(w2)
-            acc.as_strided(size, strides, off).add_(change)
+            change = limit_change(xt, lt, ht, shape, alpha)
+            view = acc.as_strided(size, strides, off)
+            view.add_(change) if w2 is None else view.addcmul_(change, w2)
     return acc
 
 

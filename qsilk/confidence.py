@@ -90,12 +90,14 @@ def pool_to_tiles(m: torch.Tensor, pad_h: int, pad_w: int, tile: int, stride: in
     over ``tile×tile`` windows at `stride`, as ``g×g`` block means (``g = gcd(tile, stride)``)
     averaged over ``(tile/g)²`` blocks: equal-size blocks, so this is the tile mean.
     Returns:
-        ``(B, K, n_h, n_w)`` in `m`'s dtype.
+        ``(B, K, n_h, n_w)`` float64 (a tile mean of up to T² values; the paper mapping's ndtri
+        near 1 magnifies float32 rounding).
 
     >>> pool_to_tiles(torch.arange(16.0).view(1, 1, 4, 4), 0, 0, 2, 2)
     tensor([[[[ 2.5000,  4.5000],
-              [10.5000, 12.5000]]]])
+              [10.5000, 12.5000]]]], dtype=torch.float64)
     """
+    m = m.double()
     if pad_h or pad_w:
         m = F.pad(m, (0, pad_w, 0, pad_h), mode="reflect")
     g = math.gcd(tile, stride)
@@ -118,10 +120,10 @@ def normalise_qsilk(a: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
     ``a = 1 − E``: this equals the spec's ``clip(1 − (E − p2(E))/r, 0, 1)``.
 
     Args:
-        a: ``(B, 1, n_h, n_w)`` float32, high = confident (gradient magnitude or confidence).
+        a: ``(B, 1, n_h, n_w)``, high = confident (gradient magnitude or confidence).
         tau: floor of the spread, a float or a ``(B, 1, 1, 1)`` tensor.
     Returns:
-        ``(B, 1, n_h, n_w)`` float32 in [0, 1].
+        ``(B, 1, n_h, n_w)`` in [0, 1], `a`'s dtype.
     Guarantees:
         A constant map gives exactly 1; a map whose spread is below τ stays near 1 (no
         stretching of noise); per sample.
