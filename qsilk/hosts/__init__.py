@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import Any, Mapping
 
 A1111 = "a1111"
 FORGE_OLD = "forge_old"  # lllyasviel Forge before August 2024 (ldm_patched, Gradio 3.41)
@@ -23,17 +24,44 @@ FORGE_NEW = "forge_new"  # lllyasviel Forge from August 2024 (backend/, Gradio 4
 REFORGE = "reforge"  # Panchovix reForge (ldm_patched, Gradio 3.41)
 
 
-def detect_host(modules: dict | None = None) -> str:
-    """Which WebUI family is running, from the modules it has imported."""
+def detect_host(modules: Mapping[str, Any] | None = None) -> str:
+    """Which WebUI family is running, from the modules it has already imported.
+
+    Only `sys.modules` (or `modules`) is read; nothing is imported. Markers, checked against the
+    hosts' source (Forge main dfdcbab6, Forge tag ``previous`` bfee03d8, reForge main 3b56b268):
+
+    - no ``modules_forge`` package → AUTOMATIC1111;
+    - ``backend.patcher.unet`` / ``backend.sampling.sampling_function`` /
+      ``backend.diffusion_engine.base`` (Forge's ``backend/``, from August 2024) → new Forge;
+    - ``ldm_patched.hooks``, or an ``ldm_patched.modules.samplers`` with ComfyUI's newer
+      ``calc_cond_batch`` → reForge; that module without it → old Forge;
+    - nothing else imported yet: the ``modules_forge.forge_version`` string (``0.*`` old Forge,
+      ``2.*`` new Forge), else reForge.
+
+    The version string alone is not trusted first: reForge has shipped both ``1.*`` and ``2.*``.
+    Old Forge and reForge share the adapter, whose few differences are handled by feature checks,
+    so a wrong guess between those two changes only what the report names.
+    """
     mods = sys.modules if modules is None else modules
     if "modules_forge" not in mods:
         return A1111
-    if "backend" in mods or "backend.patcher.unet" in mods:
+    if any(name in mods for name in _NEW_FORGE_MARKERS):
         return FORGE_NEW
-    version = getattr(mods.get("modules_forge.forge_version"), "version", "") or ""
-    if "modules_forge.forge_sampler" in mods or version.startswith("0."):
+    if "ldm_patched.hooks" in mods:
+        return REFORGE
+    samplers = mods.get("ldm_patched.modules.samplers")
+    if samplers is not None:
+        return REFORGE if hasattr(samplers, "calc_cond_batch") else FORGE_OLD
+    version = str(getattr(mods.get("modules_forge.forge_version"), "version", "") or "")
+    if version.startswith("0."):
         return FORGE_OLD
+    if version.startswith("2.") and "ldm_patched" not in mods:
+        return FORGE_NEW
     return REFORGE
+
+
+_NEW_FORGE_MARKERS = ("backend.patcher.unet", "backend.sampling.sampling_function",
+                      "backend.diffusion_engine.base")
 
 
 def load_adapter(host: str | None = None):

@@ -1,0 +1,445 @@
+"""Forge host adapter: new Forge (``backend/``), old Forge (``ldm_patched``) and reForge.
+
+Translates Forge's patch API into `Stabilizer` calls; it holds no math. Host facts are in
+``shared/research/forge.md`` and were checked against Forge main dfdcbab6, Forge tag ``previous``
+bfee03d8 and reForge main 3b56b268. No Forge module is imported: everything is reached through the
+job's ``p`` (duck typing), so this module also loads, and is tested, without a WebUI.
+
+What is installed, from the script's ``process_before_every_sampling`` (Forge resets
+``p.sd_model.forge_objects`` before every pass, so earlier hooks cannot patch the UNet):
+
+- **Per evaluation**: a clone of ``forge_objects.unet`` with a post-CFG *closure* (``clone()``
+  deep-copies ``model_options``; a bound method would drag a copy of its object along), written
+  back to ``forge_objects``. New Forge calls the hook 1 + 2 times with hires fix and throws the
+  first hires call's clone away, so installing is idempotent: a patcher already holding our
+  function is left alone.
+- **Per pass**: the pass's sampler ``sample`` / ``sample_img2img`` are wrapped. The wrapper starts
+  the pass (`Stabilizer.begin_pass`: exactly once per sampler invocation, however often the hook
+  ran) and stabilises the pass's output latent once, before whatever follows it: the first-pass
+  decode for an image upscaler, the latent upscale, the hires final decode, the final decode.
+- **Entropy probe** (SD1.x/SD2/SDXL UNets): forward hooks on the probed ``attn1``'s ``to_q`` /
+  ``to_k`` (`EntropyProbe`) and an *observing* ``attn1_patch`` (the patch list composes) that
+  returns its inputs unchanged and reads ``cond_or_uncond`` / ``sigmas`` / ``original_shape``. No
+  attention *replace* key is taken, so SAG / PAG / StyleAlign keep theirs. The ``sigmas`` tensor
+  of one evaluation is the same object in every UNet call of it and in the post-CFG args, which
+  tells evaluations apart; more cond chunks than the evaluation has conds (a SAG / PAG /
+  reference extra pass ran before our post-CFG function) makes that evaluation's map ambiguous.
+  Flux / SD3 / Chroma have no UNet self-attention: AQClip uses Lite, with a visible note.
+
+Family differences handled here by feature checks: ``model.predictor`` (new Forge) vs
+``model.model_sampling`` (old Forge, reForge); ``uncond_denoised`` zeros (Forge) or None (reForge)
+and ``p.uc`` None at CFG 1 (new Forge) — QSilk reads neither; the hook runs 1 + 2 (new) or 1
+(old, reForge) times for a hires pass.
+
+Forge does not catch exceptions raised in post-CFG functions (the job aborts), so every piece of
+glue here is wrapped; the `Stabilizer` never raises. Module hooks live only while ``p.sample``
+runs (released in ``finally``: an error skips ``postprocess``).
+"""
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import weakref
+from typing import Any, Callable
+
+import torch
+
+from .. import probe as _probe
+from ..probe import EntropyProbe, find_probe_layer
+from ..settings import Settings
+from ..stabilizer import Stabilizer
+from . import common
+
+log = logging.getLogger("qsilk")
+
+#: Attribute on the functions QSilk puts on a sampler: the job they belong to.
+JOB_ATTR = "_qsilk_job"
+
+#: Jobs not ended yet, so that `cleanup_all` and the next job can release their module hooks.
+_LIVE_JOBS: "weakref.WeakSet[ForgeJob]" = weakref.WeakSet()
+
+_TRANSFORMER_ATTN1 = re.compile(r"(?:^|\.)(input_blocks|middle_block|output_blocks)(?:\.(\d+))?\.\d+"
+                                r"\.transformer_blocks\.(\d+)\.attn1$")
+_BLOCK_KIND = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
+
+
+# -- the adapter function set (see qsilk.hosts) ----------------------------------------------
+def start_job(p: Any, settings: Settings) -> "ForgeJob | None":
+    """From ``process()``: a job, or None when the settings do nothing (then nothing is installed)."""
+    for stale in list(_LIVE_JOBS):
+        stale.release()
+    common.restore_sample(p)
+    notes: list[str] = []
+    stabilizer = Stabilizer(settings, preconditioner=_preconditioner(p, settings, notes))
+    for note in notes:
+        stabilizer.note(note)
+    if not stabilizer.enabled:
+        for note in notes:
+            common.add_note(p, note)
+        return None
+    job = ForgeJob(p, settings, stabilizer)
+    original = p.sample
+
+    def sample(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(*args, **kwargs)
+        finally:
+            job.release()
+
+    common.put_sample(p, sample)
+    _LIVE_JOBS.add(job)
+    job.post_notes()
+    return job
+
+
+def before_every_sampling(p: Any, job: "ForgeJob | None", **kwargs: Any) -> None:
+    """From ``process_before_every_sampling(p, x=, noise=, c=, uc=)``: install for this pass."""
+    if job is None or job.closed:
+        return
+    try:
+        job.install(p)
+    except Exception as exc:  # the host would swallow it and run the pass without QSilk
+        job.glue_error("installing the hooks", exc)
+
+
+def before_hr(p: Any, job: "ForgeJob | None") -> None:
+    """Nothing to do: the hires pass is installed by the sampling hook that follows."""
+
+
+def end_job(p: Any, job: "ForgeJob | None", processed: Any = None) -> dict | None:
+    """From ``postprocess()``: make everything inert, report, add debug maps. Returns the report."""
+    common.restore_sample(p)
+    if job is None:
+        return None
+    job.close()
+    report = job.stabilizer.report()
+    job.post_notes()
+    log.info("QSilk (%s): %d pass(es), %d evaluation(s) stabilised, %d pre-decode(s), %.3f s%s",
+             job.family, report["passes"], report["evaluations"], report["pre_decodes"], report["seconds"],
+             "".join(f"; {n}" for n in report["notes"]))
+    if processed is not None:
+        if job.settings.show_maps and job.stabilizer.last_maps and getattr(processed, "images", None):
+            common.append_map_images(processed, job.stabilizer.last_maps, processed.images[0].size)
+        if isinstance(getattr(processed, "comments", None), str):
+            for note in report["notes"]:
+                if f"QSilk: {note}" not in processed.comments:
+                    processed.comments += f"QSilk: {note}\n"
+    return report
+
+
+def cleanup_all() -> None:
+    """``on_script_unloaded``: release whatever a job still has installed."""
+    for job in list(_LIVE_JOBS):
+        job.close()
+
+
+def _preconditioner(p: Any, settings: Settings, notes: list[str]) -> Any:
+    """The job's Q-Sched pre-conditioner for low-bit models (`qsilk.quant`), or None."""
+    if getattr(settings, "qsched", "off") == "off":
+        return None
+    try:
+        from .. import quant
+        paths, shared = sys.modules.get("modules.paths"), sys.modules.get("modules.shared")
+        info = quant.model_info(p.sd_model, models_dir=getattr(paths, "models_path", None),
+                                opts=getattr(shared, "opts", None), sampler=getattr(p, "sampler_name", ""),
+                                steps=getattr(p, "steps", 0))
+        return quant.make_preconditioner(settings, info, note=notes.append)
+    except Exception as exc:
+        log.exception("QSilk: Q-Sched set-up failed")
+        notes.append(f"Q-Sched not applied ({exc})")
+        return None
+
+
+class ForgeJob:
+    """One job's state on Forge. What Forge calls (post-CFG function, attention patch, sampler
+    wrappers) are closures over it."""
+
+    def __init__(self, p: Any, settings: Settings, stabilizer: Stabilizer):
+        from . import detect_host
+        self.family = detect_host()
+        self.settings = settings
+        self.stabilizer = stabilizer
+        self.closed = False
+        self.glue_errors = 0
+        self.notes_posted = 0
+        self._p = weakref.ref(p)
+        s = settings
+        self.wants_probe = bool(s.aqclip_enabled and s.aqclip_mode == "attn" and s.aqclip_placement == "per_step")
+        self.per_step = bool((s.qsilk_enabled and s.qsilk_placement == "per_step")
+                             or (s.aqclip_enabled and s.aqclip_placement == "per_step")
+                             or stabilizer.preconditioner is not None)
+        self.probe: EntropyProbe | None = None
+        self._probe_module: torch.nn.Module | None = None
+        self._probe_block: tuple[tuple[str, int], int] | None = None
+        self._wrapped: list[tuple[Any, str, Callable, bool, Callable]] = []  # sampler, name, wrapper, had_own, original
+        self._pass_active = False
+        self._sampler: Any = None
+        self._total: int | None = None
+        # the evaluation the probe is capturing; see `observe`
+        self._ev_sigmas: Any = None
+        self._ev_open = False
+        self._ev_cond_chunks = 0
+        self._ev_chunks: tuple[int, ...] | None = None
+        self.ambiguous_evaluations = 0
+        self.post_cfg_function = _post_cfg_function(self)
+        self.attn1_observer = _attn1_observer(self)
+
+    # -- per pass ---------------------------------------------------------------------------
+    def install(self, p: Any) -> None:
+        sampler = getattr(p, "sampler", None)
+        if sampler is not None:
+            self._wrap_sampler(sampler)  # every pass is begun, also one QSilk leaves alone
+        if not self.per_step or not (self.settings.hires or not getattr(p, "is_hr_pass", False)):
+            return
+        forge_objects = p.sd_model.forge_objects
+        unet = forge_objects.unet
+        if self.post_cfg_function in unet.model_options.get("sampler_post_cfg_function", ()):
+            return  # this patcher (or the one it was cloned from) already has it
+        unet = unet.clone()
+        unet.set_model_sampler_post_cfg_function(self.post_cfg_function)
+        if self.wants_probe and self._prepare_probe(unet):
+            unet.set_model_attn1_patch(self.attn1_observer)
+        forge_objects.unet = unet
+
+    def _prepare_probe(self, unet: Any) -> bool:
+        """Hook the probed layer of this patcher's UNet; False (and a note) where there is none."""
+        diffusion_model = getattr(getattr(unet, "model", None), "diffusion_model", None)
+        found = find_probe_layer(diffusion_model) if isinstance(diffusion_model, torch.nn.Module) else None
+        block = transformer_block_of(found[0]) if found else None
+        if found is None or block is None:
+            self.note("no UNet self-attention on this model (Flux / SD3 / Chroma): AQClip uses Lite confidence")
+            return False
+        name, module = found
+        if self.probe is None:  # probe_queries 0 = auto (1024 on CUDA, 256 on CPU)
+            self.probe = EntropyProbe(heads=self.settings.probe_heads, max_queries=self.settings.probe_queries)
+        if self._probe_module is not module or not self.probe.attached:
+            factor_of = getattr(_probe, "probe_layer_factor", None)
+            self.probe.attach(module, factor=factor_of(diffusion_model, name) if factor_of else None)
+            self._probe_module = module
+        self._probe_block = block
+        return True
+
+    def _wrap_sampler(self, sampler: Any) -> None:
+        for name in ("sample", "sample_img2img"):
+            original = getattr(sampler, name, None)
+            if original is None or getattr(original, JOB_ATTR, None) is self:
+                continue
+            had_own = name in getattr(sampler, "__dict__", {})
+            wrapper = _pass_wrapper(self, sampler, original)
+            setattr(sampler, name, wrapper)
+            self._wrapped.append((sampler, name, wrapper, had_own, original))
+
+    def run_pass(self, sampler: Any, original: Callable, args: tuple, kwargs: dict) -> Any:
+        """One sampler invocation: begin the pass, sample, stabilise the output before decode."""
+        p = self._p()
+        is_hr = bool(getattr(p, "is_hr_pass", False))
+        self.stabilizer.begin_pass(evaluations_per_step=_evaluations_per_step(sampler), is_hires=is_hr)
+        self._pass_active = self.settings.hires or not is_hr
+        self._sampler, self._total, self._ev_sigmas, self._ev_open = sampler, None, None, False
+        try:
+            samples = original(*args, **kwargs)
+        finally:
+            self._sampler = self._ev_sigmas = None
+        if self.closed or not self._pass_active or not isinstance(samples, torch.Tensor) or samples.dim() != 4:
+            return samples
+        try:
+            out = self.stabilizer.pre_decode(samples, nmask=_nmask(p, sampler, samples))
+        except Exception as exc:
+            self.glue_error("stabilising before decode", exc)
+            out = samples
+        self.post_notes()
+        return out
+
+    # -- per evaluation ---------------------------------------------------------------------
+    def _position(self) -> tuple[int | None, int | None]:
+        """Evaluation index (the denoiser's ``step``, incremented after the post-CFG functions)
+        and the pass's evaluation count. Python ints: no device sync."""
+        sampler = self._sampler
+        denoiser = getattr(sampler, "model_wrap_cfg", None)
+        step = getattr(denoiser, "step", None)
+        if not isinstance(step, int):
+            return None, None
+        if self._total is None:
+            self._total = expected_evaluations(sampler, denoiser)
+        total = self._total
+        return (min(step, total - 1) if total else step), total
+
+    def observe(self, extra_options: dict) -> None:
+        """At the probed block's ``attn1_patch``, just before its ``to_q`` / ``to_k`` run."""
+        sigmas = extra_options.get("sigmas")
+        chunks = extra_options.get("cond_or_uncond")
+        shape = extra_options.get("original_shape")
+        self._ev_chunks = None
+        if self.probe is None or self._sampler is None or sigmas is None or not chunks or not shape:
+            return
+        if sigmas is not self._ev_sigmas:  # the first UNet call of a new evaluation
+            self._ev_sigmas, self._ev_cond_chunks = sigmas, 0
+            step, total = self._position()
+            self._ev_open = self.stabilizer.in_window(step, total)
+            if self._ev_open:
+                self.probe.begin_evaluation((int(shape[-2]), int(shape[-1])), int(shape[0]) // len(chunks),
+                                            self._select_rows)
+        if not self._ev_open:  # outside the window, or the map was taken (extra passes after ours)
+            return
+        self._ev_chunks = tuple(int(c) for c in chunks)
+        self._ev_cond_chunks += self._ev_chunks.count(0)
+
+    def _select_rows(self, rows: int) -> list[tuple[int, int]] | None:
+        """Cond rows of this UNet call: chunk c holds rows c·B … c·B+B−1, and row r is image r."""
+        chunks, self._ev_chunks = self._ev_chunks, None
+        if not chunks or rows % len(chunks):
+            return None
+        b = rows // len(chunks)
+        return [(c * b + r, r) for c, kind in enumerate(chunks) if kind == 0 for r in range(b)] or None
+
+    def post_cfg(self, args: dict) -> torch.Tensor:
+        x0, sigma = args["denoised"], args.get("sigma")
+        probe_map = None
+        if self._ev_open and self._ev_sigmas is sigma and self.probe is not None:
+            self._ev_open = False
+            conds = args.get("cond")
+            if isinstance(conds, (list, tuple)) and self._ev_cond_chunks > len(conds):
+                self.ambiguous_evaluations += 1
+                self.probe.mark_ambiguous("cond rows seen twice in one evaluation (another extension's "
+                                          "extra UNet pass ran first)")
+            probe_map = self.probe.take_map()
+            if probe_map is None:
+                self.note(f"attention map unavailable ({self.probe.last_failure or 'no capture'}); "
+                          "AQClip used Lite")
+        step, total = self._position()
+        c_skip = skip_factor(args.get("model"), sigma) if self.stabilizer.preconditioner is not None else None
+        return self.stabilizer.post_cfg(x0, step, total, probe_map, sigma=sigma,
+                                        nmask=_nmask(self._p(), self._sampler, x0),
+                                        x_noisy=args.get("input"), c_skip=c_skip)
+
+    # -- notes, errors, end -----------------------------------------------------------------
+    def note(self, message: str) -> None:
+        self.stabilizer.note(message)
+        self.post_notes()
+
+    def post_notes(self) -> None:
+        """Copy new notes to the infotext now: images get their infotext before ``postprocess``."""
+        p, notes = self._p(), self.stabilizer.notes
+        while p is not None and self.notes_posted < len(notes):
+            common.add_note(p, notes[self.notes_posted])
+            self.notes_posted += 1
+
+    def glue_error(self, where: str, exc: BaseException) -> None:
+        self.glue_errors += 1
+        if self.glue_errors == 1:
+            log.exception("QSilk: error while %s on Forge; QSilk passes through", where)
+        self.note(f"error while {where}, passed through: {exc}")
+
+    def release(self) -> None:
+        """Remove the module hooks and sampler wrappers (after every ``p.sample``, also when it
+        raised). The post-CFG closure stays in that batch's throw-away patcher clone."""
+        if self.probe is not None:
+            self.probe.detach()
+        self._probe_module = None
+        for sampler, name, wrapper, had_own, original in self._wrapped:
+            if getattr(sampler, "__dict__", {}).get(name) is wrapper:
+                if had_own:
+                    setattr(sampler, name, original)
+                else:
+                    delattr(sampler, name)
+        self._wrapped.clear()
+        self._sampler = self._ev_sigmas = None
+
+    def close(self) -> None:
+        """End of the job: release, and make every closure still held by Forge pass through."""
+        if not self.closed:
+            self.closed = True
+            self.release()
+        _LIVE_JOBS.discard(self)
+
+
+def _post_cfg_function(job: ForgeJob) -> Callable[[dict], torch.Tensor]:
+    def qsilk_post_cfg(args):
+        x0 = args["denoised"]
+        if job.closed:
+            return x0
+        try:
+            return job.post_cfg(args)
+        except Exception as exc:
+            job.glue_error("stabilising an evaluation", exc)
+            return x0
+
+    return qsilk_post_cfg
+
+
+def _attn1_observer(job: ForgeJob) -> Callable:
+    def qsilk_attn1_observer(n, context, value, extra_options):
+        block = job._probe_block
+        if (block is not None and not job.closed and extra_options.get("block") == block[0]
+                and extra_options.get("block_index", 0) == block[1]):
+            try:
+                job.observe(extra_options)
+            except Exception as exc:
+                job.glue_error("observing attention", exc)
+        return n, context, value
+
+    return qsilk_attn1_observer
+
+
+def _pass_wrapper(job: ForgeJob, sampler: Any, original: Callable) -> Callable:
+    def qsilk_sampler_pass(*args, **kwargs):
+        if job.closed:
+            return original(*args, **kwargs)
+        return job.run_pass(sampler, original, args, kwargs)
+
+    setattr(qsilk_sampler_pass, JOB_ATTR, job)
+    return qsilk_sampler_pass
+
+
+# -- small pure helpers ----------------------------------------------------------------------
+def transformer_block_of(name: str) -> tuple[tuple[str, int], int] | None:
+    """The ``(extra_options["block"], extra_options["block_index"])`` that Forge's patches see in
+    the transformer block holding the named ``attn1``.
+
+    >>> transformer_block_of("output_blocks.11.1.transformer_blocks.0.attn1")
+    (('output', 11), 0)
+    >>> transformer_block_of("middle_block.1.transformer_blocks.3.attn1")
+    (('middle', 0), 3)
+    """
+    m = _TRANSFORMER_ATTN1.search(name)
+    if m is None:
+        return None
+    kind, number, index = m.groups()
+    return (_BLOCK_KIND[kind], int(number or 0)), int(index)
+
+
+def expected_evaluations(sampler: Any, denoiser: Any) -> int | None:
+    """Evaluations n of this pass; Forge's samplers and denoiser counters are A1111's."""
+    from .a1111 import expected_evaluations as count  # pure helper; imports no WebUI module
+    return count(sampler, denoiser)
+
+
+def _evaluations_per_step(sampler: Any) -> int:
+    options = getattr(getattr(sampler, "config", None), "options", None) or {}
+    return 2 if options.get("second_order", False) else 1
+
+
+def skip_factor(model: Any, sigma: Any) -> torch.Tensor | None:
+    """The skip factor s(σ) of the model's parametrisation, per row ``(B,)`` float32.
+
+    Math: Forge's denoised is ``D = s(σ)·x + o(σ)·F``, so ``s = D(σ, F=0, x=1)``, evaluated with
+    the model's own formula (new Forge ``model.predictor``, old Forge / reForge
+    ``model.model_sampling``): 1 for ε and flow (``const``), ``σ_d²/(σ²+σ_d²)`` for v and EDM.
+    """
+    helper = getattr(model, "predictor", None) or getattr(model, "model_sampling", None)
+    if helper is None or not isinstance(sigma, torch.Tensor):
+        return None
+    s = sigma.reshape(-1).to(torch.float32)
+    one = torch.ones(s.shape[0], 1, 1, 1, dtype=torch.float32, device=s.device)
+    return helper.calculate_denoised(s, torch.zeros_like(one), one).reshape(-1)
+
+
+def _nmask(p: Any, sampler: Any, latent: torch.Tensor) -> torch.Tensor | None:
+    """The inpainting latent mask (1 = generated) of this pass if it fits `latent`, else None."""
+    nmask = getattr(getattr(sampler, "model_wrap_cfg", None), "nmask", None)
+    if nmask is None and p is not None and not getattr(p, "is_hr_pass", False):
+        nmask = getattr(p, "nmask", None)
+    if isinstance(nmask, torch.Tensor) and nmask.dim() == 4 and nmask.shape[-2:] == latent.shape[-2:]:
+        return nmask
+    return None
