@@ -44,10 +44,9 @@ def robust_z(latent: torch.Tensor) -> torch.Tensor:
     A sample with IQR 0 uses scale 1.
     """
     x = latent.to(torch.float64).flatten(1)
-    med = x.median(dim=1, keepdim=True).values
-    q = torch.quantile(x, torch.tensor([0.25, 0.75], dtype=torch.float64, device=x.device), dim=1)
-    scale = ((q[1] - q[0]) / 1.349)[:, None]
-    return (x - med) / torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.quantile(x, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64, device=x.device), dim=1)
+    scale = ((q[2] - q[0]) / 1.349)[:, None]
+    return (x - q[1][:, None]) / torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def tail_share(latent: torch.Tensor, k: float = 3.0) -> torch.Tensor:
@@ -117,7 +116,7 @@ def periodic_index(images: torch.Tensor, ratio: float = 20.0, min_radius: float 
     near 1; noise, smooth images and natural textures score near 0; a flat image scores 0.
     """
     y = luminance(images)
-    y = y * _hann(*y.shape[1:], device=y.device)
+    y = (y - y.mean(dim=(1, 2), keepdim=True)) * _hann(*y.shape[1:], device=y.device)  # window after de-meaning
     p = _power_spectrum(y)
     b, h, w = p.shape
     fy = torch.fft.fftfreq(h, d=1.0 / h, device=p.device, dtype=torch.float64)

@@ -15,6 +15,7 @@ frame (rows of ``cond`` as built by `stack_conditioning`), ``decode(latent) -> R
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -117,7 +118,8 @@ class GuidedDenoiser:
     def x0(self, x: torch.Tensor, sigma: float, i: int) -> torch.Tensor:
         """Post-CFG x0 at VE noise level σ, stabilised (x0 samplers)."""
         d, emap = self._guided(x, sigma, None)
-        out = d if self.stabilizer is None else self.stabilizer.post_cfg(d, i, self.total, emap, sigma=sigma)
+        out = d if self.stabilizer is None else self.stabilizer.post_cfg(d, i, self.total, emap, sigma=sigma,
+                                                                          x_noisy=x)
         self._record(d, out)
         return out
 
@@ -158,7 +160,12 @@ def run_job(model: Any, settings: Settings | None, spec: JobSpec, *,
     """Sample every seed of `spec` with `settings` (None = no stabilizer at all) and decode."""
     kind, sampler = SAMPLERS[spec.sampler]
     # show_maps only adds the AQClip maps to the stabilizer's `last_maps` (a debug output)
-    stab = Stabilizer(settings.replace(show_maps=True)) if settings is not None else None
+    stab = None
+    if settings is not None:  # Q-Sched (qsilk.quant): ramp, or a file from $QSILK_COEFF_DIR (default models/QSilk)
+        from .. import quant
+        info = quant.ModelInfo(prediction=getattr(model, "prediction", "eps"), sampler=spec.sampler, steps=spec.steps,
+                               coeff_dir=os.environ.get("QSILK_COEFF_DIR", "models/QSilk"))
+        stab = Stabilizer(settings.replace(show_maps=True), preconditioner=quant.make_preconditioner(settings, info))
     if stab is not None and not stab.enabled:
         stab = None  # off means off: no hook point is called
     probe, probe_note = _make_probe(model, settings, spec, stab) if use_probe else (None, None)
