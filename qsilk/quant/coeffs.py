@@ -233,12 +233,18 @@ def match(coeffs: CoefficientSet, *, model_hash: str = "", storage: str = "", sa
     if storage and fs != ANY and fs.lower() != storage.lower():
         errors.append(f"made for {fs} weights, loaded model stores {storage}")
     fsam = m.get("sampler", "")
-    if sampler and fsam not in (ANY, "") and fsam.lower() != sampler.lower():
+    if sampler and fsam not in (ANY, "") and _sampler_key(fsam) != _sampler_key(sampler):
         warnings.append(f"calibrated with sampler {fsam}, this job uses {sampler}")
     fst = m.get("steps", "")
     if steps and fst not in (ANY, "") and fst != str(steps):
         warnings.append(f"calibrated for {fst} steps, this job uses {steps}")
     return errors, warnings
+
+
+def _sampler_key(name: str) -> str:
+    """``"Euler a"``, ``"euler_a"`` and ``"k_euler_ancestral"`` name one sampler."""
+    key = re.sub(r"[\s_]+", "_", name.strip().lower()).removeprefix("k_")
+    return {"euler_ancestral": "euler_a", "dpm++_2m": "dpmpp_2m"}.get(key, key)
 
 
 def _same_hash(a: str, b: str) -> bool:

@@ -131,3 +131,10 @@ def test_match_errors_on_model_or_storage_warns_on_sampler_or_steps(tmp_path):
     assert cf.match(cs) == ([], [])  # nothing known about the host: nothing held against the file
     generic = cf.load(_write(tmp_path / "g.safetensors", meta=dict(META, model_hash="*", storage="*")))
     assert cf.match(generic, model_hash="fedcba9876", storage="fp16") == ([], [])
+
+
+def test_sampler_names_from_ui_and_command_line_match(tmp_path):
+    cs = cf.load(_write(tmp_path / "s.safetensors", meta=dict(META, sampler="euler_a")))
+    for name in ("Euler a", "euler_a", "k_euler_ancestral"):
+        assert cf.match(cs, sampler=name) == ([], []), name
+    assert cf.match(cs, sampler="Euler")[1]
