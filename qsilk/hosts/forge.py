@@ -22,9 +22,12 @@ What is installed, from the script's ``process_before_every_sampling`` (Forge re
   returns its inputs unchanged and reads ``cond_or_uncond`` / ``sigmas`` / ``original_shape``. No
   attention *replace* key is taken, so SAG / PAG / StyleAlign keep theirs. The ``sigmas`` tensor
   of one evaluation is the same object in every UNet call of it and in the post-CFG args, which
-  tells evaluations apart; more cond chunks than the evaluation has conds (a SAG / PAG /
-  reference extra pass ran before our post-CFG function) makes that evaluation's map ambiguous.
-  Flux / SD3 / Chroma have no UNet self-attention: AQClip uses Lite, with a visible note.
+  tells evaluations apart. An identity post-CFG function put *first* in the list (the "fence")
+  takes the map as soon as the evaluation's own UNet calls are done, so the extra UNet passes
+  SAG / PAG run from their post-CFG functions are not mixed in; more cond chunks than the
+  evaluation has conds before the fence (a reference-style extra pass inside the UNet call) makes
+  that evaluation's map ambiguous: no map. Flux / SD3 / Chroma have no UNet self-attention: AQClip
+  uses Lite, with a visible note.
 
 Family differences handled here by feature checks: ``model.predictor`` (new Forge) vs
 ``model.model_sampling`` (old Forge, reForge); ``uncond_denoised`` zeros (Forge) or None (reForge)
@@ -182,7 +185,9 @@ class ForgeJob:
         self._ev_cond_chunks = 0
         self._ev_chunks: tuple[int, ...] | None = None
         self.ambiguous_evaluations = 0
+        self._ev_map: torch.Tensor | None = None
         self.post_cfg_function = _post_cfg_function(self)
+        self.fence_function = _fence_function(self)
         self.attn1_observer = _attn1_observer(self)
 
     # -- per pass ---------------------------------------------------------------------------
@@ -200,6 +205,8 @@ class ForgeJob:
         unet.set_model_sampler_post_cfg_function(self.post_cfg_function)
         if self.wants_probe and self._prepare_probe(unet):
             unet.set_model_attn1_patch(self.attn1_observer)
+            options = unet.model_options  # the clone's own (deep-copied) dict: a new list goes first
+            options["sampler_post_cfg_function"] = [self.fence_function, *options["sampler_post_cfg_function"]]
         forge_objects.unet = unet
 
     def _prepare_probe(self, unet: Any) -> bool:
@@ -236,7 +243,7 @@ class ForgeJob:
         is_hr = bool(getattr(p, "is_hr_pass", False))
         self.stabilizer.begin_pass(evaluations_per_step=_evaluations_per_step(sampler), is_hires=is_hr)
         self._pass_active = self.settings.hires or not is_hr
-        self._sampler, self._total, self._ev_sigmas, self._ev_open = sampler, None, None, False
+        self._sampler, self._total, self._ev_sigmas, self._ev_open, self._ev_map = sampler, None, None, False, None
         try:
             samples = original(*args, **kwargs)
         finally:
@@ -274,13 +281,13 @@ class ForgeJob:
         if self.probe is None or self._sampler is None or sigmas is None or not chunks or not shape:
             return
         if sigmas is not self._ev_sigmas:  # the first UNet call of a new evaluation
-            self._ev_sigmas, self._ev_cond_chunks = sigmas, 0
+            self._ev_sigmas, self._ev_cond_chunks, self._ev_map = sigmas, 0, None
             step, total = self._position()
             self._ev_open = self.stabilizer.in_window(step, total)
             if self._ev_open:
                 self.probe.begin_evaluation((int(shape[-2]), int(shape[-1])), int(shape[0]) // len(chunks),
                                             self._select_rows)
-        if not self._ev_open:  # outside the window, or the map was taken (extra passes after ours)
+        if not self._ev_open:  # outside the window, or the map was taken (extra passes after the fence)
             return
         self._ev_chunks = tuple(int(c) for c in chunks)
         self._ev_cond_chunks += self._ev_chunks.count(0)
@@ -293,20 +300,26 @@ class ForgeJob:
         b = rows // len(chunks)
         return [(c * b + r, r) for c, kind in enumerate(chunks) if kind == 0 for r in range(b)] or None
 
+    def take_map(self, args: dict) -> None:
+        """The evaluation's own UNet calls are done (the fence, or else our post-CFG function):
+        close the capture and keep its map for the post-CFG step of the same evaluation."""
+        if not (self._ev_open and self._ev_sigmas is args.get("sigma") and self.probe is not None):
+            return
+        self._ev_open = False
+        conds = args.get("cond")
+        if isinstance(conds, (list, tuple)) and self._ev_cond_chunks > len(conds):
+            self.ambiguous_evaluations += 1
+            self.probe.mark_ambiguous("cond rows seen twice in one evaluation (an extra UNet pass by "
+                                      "another extension)")
+        self._ev_map = self.probe.take_map()
+        if self._ev_map is None:
+            self.note(f"attention map unavailable ({self.probe.last_failure or 'no capture'}); AQClip used Lite")
+
     def post_cfg(self, args: dict) -> torch.Tensor:
         x0, sigma = args["denoised"], args.get("sigma")
-        probe_map = None
-        if self._ev_open and self._ev_sigmas is sigma and self.probe is not None:
-            self._ev_open = False
-            conds = args.get("cond")
-            if isinstance(conds, (list, tuple)) and self._ev_cond_chunks > len(conds):
-                self.ambiguous_evaluations += 1
-                self.probe.mark_ambiguous("cond rows seen twice in one evaluation (another extension's "
-                                          "extra UNet pass ran first)")
-            probe_map = self.probe.take_map()
-            if probe_map is None:
-                self.note(f"attention map unavailable ({self.probe.last_failure or 'no capture'}); "
-                          "AQClip used Lite")
+        self.take_map(args)
+        probe_map = self._ev_map if self._ev_sigmas is sigma else None
+        self._ev_map = None
         step, total = self._position()
         c_skip = skip_factor(args.get("model"), sigma) if self.stabilizer.preconditioner is not None else None
         return self.stabilizer.post_cfg(x0, step, total, probe_map, sigma=sigma,
@@ -344,7 +357,7 @@ class ForgeJob:
                 else:
                     delattr(sampler, name)
         self._wrapped.clear()
-        self._sampler = self._ev_sigmas = None
+        self._sampler = self._ev_sigmas = self._ev_map = None
 
     def close(self) -> None:
         """End of the job: release, and make every closure still held by Forge pass through."""
@@ -366,6 +379,18 @@ def _post_cfg_function(job: ForgeJob) -> Callable[[dict], torch.Tensor]:
             return x0
 
     return qsilk_post_cfg
+
+
+def _fence_function(job: ForgeJob) -> Callable[[dict], torch.Tensor]:
+    def qsilk_probe_fence(args):
+        if not job.closed:
+            try:
+                job.take_map(args)
+            except Exception as exc:
+                job.glue_error("reading the attention map", exc)
+        return args["denoised"]
+
+    return qsilk_probe_fence
 
 
 def _attn1_observer(job: ForgeJob) -> Callable:

@@ -81,6 +81,9 @@ class UnetPatcher:
         if disable_cfg1_optimization:
             self.model_options["disable_cfg1_optimization"] = True
 
+    def set_model_unet_function_wrapper(self, wrapper):
+        self.model_options["model_function_wrapper"] = wrapper
+
     def set_model_patch(self, patch, name):
         to = self.model_options["transformer_options"]
         to.setdefault("patches", {})

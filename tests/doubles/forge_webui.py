@@ -35,7 +35,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
+import importlib.util
+import os
+import sys
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -297,8 +300,14 @@ class KDiffusionSampler:
 # Scripts
 # --------------------------------------------------------------------------------------------
 class Script:
+    """``modules.scripts.Script``: hooks with the real signatures; ``sorting_priority`` (Forge
+    only) orders always-on accordions in the UI, larger = lower."""
     args_from = args_to = 0
     sorting_priority = 0
+    filename = "script.py"
+
+    def elem_id(self, item_id):
+        return f"script_txt2img_{type(self).__name__.lower()}_{item_id}"
 
     def process(self, p, *args): ...
     def before_process_batch(self, p, *args, **kwargs): ...
@@ -417,6 +426,7 @@ class Txt2Img(Processing):
     hr_second_pass_steps: int = 0
     hr_cfg: float = 5.0
     hr_sampler_name: str | None = None
+    hr_checkpoint: Any = None  # an SdModel: the hires pass reloads to it (``forge_model_reload``)
 
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         self.sampler = KDiffusionSampler(self.sampler_name, self.sd_model)
@@ -429,6 +439,9 @@ class Txt2Img(Processing):
         decoded = None
         if self.hr_upscaler != "Latent":
             decoded = decode_latent_batch(self.sd_model, samples)
+        if self.hr_checkpoint is not None:  # ``p.sd_model`` is ``shared.sd_model``: now the new one
+            self.sd_model = self.hr_checkpoint
+            self.sd_model.forge_objects_after_applying_lora = self.sd_model.forge_objects_original.shallow_copy()
         return self.sample_hr_pass(samples, decoded)
 
     def sample_hr_pass(self, samples, decoded):
@@ -621,5 +634,151 @@ class StyleAlignLike(Script):
         p.sd_model.forge_objects.unet = unet
 
 
-def round_up(x, m):
-    return int(math.ceil(x / m) * m)
+class ReferenceLike(Script):
+    """A reference-style extension (like ControlNet's reference preprocessors): a UNet function
+    wrapper that runs the same chunks once more, inside the evaluation's own UNet call."""
+
+    def __init__(self):
+        self.wrapper_calls = 0
+
+    def process_before_every_sampling(self, p, enabled=True, **kwargs):
+        if not enabled:
+            return
+        unet = p.sd_model.forge_objects.unet.clone()
+        script = self
+
+        def wrapper(apply_model, d):
+            script.wrapper_calls += 1
+            apply_model(d["input"], d["timestep"], **d["c"])  # the reference pass (fills its bank)
+            return apply_model(d["input"], d["timestep"], **d["c"])
+
+        unet.set_model_unet_function_wrapper(wrapper)
+        p.sd_model.forge_objects.unet = unet
+
+
+# --------------------------------------------------------------------------------------------
+# The host's module set, so the real scripts/qsilk.py can be loaded as Forge loads it
+# --------------------------------------------------------------------------------------------
+AlwaysVisible = object()
+
+#: Modules each family has imported when extension scripts load (see qsilk.hosts.detect_host).
+FAMILY_MODULES = {
+    FORGE_NEW: {"modules_forge.forge_version": {"version": "2.0.1v1.10.1"}, "backend": {}, "backend.patcher": {},
+                "backend.patcher.unet": {}, "backend.sampling": {}, "backend.sampling.sampling_function": {}},
+    FORGE_OLD: {"modules_forge.forge_version": {"version": "0.0.17v1.8.0rc"}, "modules_forge.forge_sampler": {},
+                "modules_forge.unet_patcher": {}, "ldm_patched": {}, "ldm_patched.modules": {},
+                "ldm_patched.modules.samplers": {"calc_cond_uncond_batch": fb.calc_cond_uncond_batch}},
+    REFORGE: {"modules_forge.forge_version": {"version": "1.0.0v2-v1.10.1RC"}, "modules_forge.forge_sampler": {},
+              "modules_forge.unet_patcher": {}, "ldm_patched": {}, "ldm_patched.modules": {}, "ldm_patched.hooks": {},
+              "ldm_patched.modules.samplers": {"calc_cond_batch": fb.calc_cond_uncond_batch}},
+}
+
+
+def _input_accordion(family):
+    """``modules.ui_components.InputAccordion``: in new Forge a factory function returning an
+    ``InputAccordionImpl`` (a hidden ``gr.Checkbox`` that is also an accordion context manager);
+    in old Forge and reForge (A1111 1.8+ base) the class itself."""
+    import gradio as gr
+
+    class InputAccordionImpl(gr.Checkbox):
+        global_index = 0
+
+        def __init__(self, value=None, setup=False, **kwargs):
+            if not setup:
+                super().__init__(value=value, **kwargs)
+                return
+            self.accordion_id = kwargs.get("elem_id") or f"input-accordion-{InputAccordionImpl.global_index}"
+            InputAccordionImpl.global_index += 1
+            super().__init__(value=value, **{**kwargs, "elem_id": f"{self.accordion_id}-checkbox", "visible": False})
+            self.accordion = gr.Accordion(label=kwargs.get("label", "Accordion"), open=value, elem_id=self.accordion_id)
+
+        def __enter__(self):
+            self.accordion.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            self.accordion.__exit__(*exc)
+
+    if family == FORGE_NEW:
+        def InputAccordion(value=None, **kwargs):
+            return InputAccordionImpl(value=value, setup=True, **kwargs)
+        return InputAccordion
+
+    class InputAccordion(InputAccordionImpl):
+        def __init__(self, value=None, **kwargs):
+            super().__init__(value=value, setup=True, **kwargs)
+
+    return InputAccordion
+
+
+class ForgeHost:
+    """The WebUI modules an extension script imports, for one Forge family; `install()` puts
+    them (and the family's marker modules) in ``sys.modules``, `uninstall()` restores."""
+
+    def __init__(self, family=FORGE_NEW, env=None):
+        self.family = family
+        self.env = env or Env()
+        self.registered: list[tuple[str, Any]] = []  # script_callbacks registrations
+        self._saved: dict[str, Any] = {}
+
+        def on(kind):
+            def register(callback, *args, **kwargs):
+                self.registered.append((kind, callback))
+                if kind in ("cfg_denoiser", "cfg_after_cfg"):
+                    getattr(self.env.callbacks, kind).append(callback)
+            return register
+
+        def module(name, **attrs):
+            m = types.ModuleType(name)
+            m.__dict__.update(attrs)
+            return m
+
+        callbacks = module("modules.script_callbacks", **{f"on_{k}": on(k) for k in (
+            "ui_settings", "before_ui", "script_unloaded", "cfg_denoiser", "cfg_after_cfg", "cfg_denoised",
+            "model_loaded", "infotext_pasted", "ui_tabs", "app_started")})
+        self.modules = {
+            "modules": module("modules", __path__=[]),
+            "modules.scripts": module("modules.scripts", Script=Script, AlwaysVisible=AlwaysVisible, scripts_data=[]),
+            "modules.script_callbacks": callbacks,
+            "modules.shared": module("modules.shared", opts=self.env.opts, state=self.env.state),
+            "modules.paths": module("modules.paths", models_path=os.path.join(os.path.dirname(__file__), "_models")),
+            "modules.ui_components": module("modules.ui_components", InputAccordion=_input_accordion(family)),
+            "modules_forge": module("modules_forge", __path__=[]),
+        }
+        for name, attrs in FAMILY_MODULES[family].items():
+            self.modules[name] = module(name, **attrs)
+
+    def install(self):
+        for name, m in self.modules.items():
+            self._saved[name] = sys.modules.get(name)
+            sys.modules[name] = m
+        return self
+
+    def uninstall(self):
+        for name, old in self._saved.items():
+            if old is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = old
+        self._saved.clear()
+
+    def __enter__(self):
+        return self.install()
+
+    def __exit__(self, *exc):
+        self.uninstall()
+
+
+def load_script(root):
+    """Load ``scripts/qsilk.py`` as ``modules/script_loading.py`` does: module name = file name,
+    the extension root on ``sys.path`` only while the file executes."""
+    path = os.path.join(root, "scripts", "qsilk.py")
+    saved = list(sys.path)
+    sys.path.insert(0, root)
+    try:
+        spec = importlib.util.spec_from_file_location(os.path.basename(path), path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path[:] = saved
+    return mod

@@ -159,6 +159,7 @@ def test_patch_goes_on_a_clone_and_the_original_patcher_is_untouched(family):
     assert repr(original.model_options) == before
     assert our_functions(patched.model_options) == [job.post_cfg_function]
     assert our_observers(patched.model_options) == [job.attn1_observer]
+    assert patched.model_options["sampler_post_cfg_function"][0] is job.fence_function
 
 
 def test_registered_functions_are_closures_not_bound_methods():
@@ -237,13 +238,21 @@ def test_sag_pag_stylealign_keep_working_with_qsilk(family, others, order):
             assert b.replace_calls > 0 and getattr(b, "post_cfg_calls", 3) == 3
     spy = SpyStabilizer.instances[-1]
     assert len(spy.calls) == 3 and spy.errors == 0 and not p.scripts.errors
-    maps = [c["probe_map"] is not None for c in spy.calls]
-    if order == "others_first" and others != "stylealign":
-        # SAG's / PAG's extra UNet pass ran before our post-CFG function: rows seen twice
-        assert not any(maps)
-        assert any("seen twice" in n for n in spy.notes)
-    else:
-        assert all(maps)
+    # SAG's / PAG's extra UNet passes run from their post-CFG functions, after QSilk's fence took
+    # the map of the evaluation's own UNet call: maps in every evaluation, whatever the order
+    assert all(c["probe_map"] is not None for c in spy.calls)
+
+
+@pytest.mark.parametrize("order", ["others_first", "qsilk_first"])
+def test_extra_pass_inside_the_unet_call_makes_the_map_ambiguous(order):
+    ref = fw.ReferenceLike()
+    kw = dict(before=[ref]) if order == "others_first" else dict(after=[ref])
+    p, _, qs = run_job(FORGE_NEW, steps=3, **kw)
+    spy = SpyStabilizer.instances[-1]
+    assert ref.wrapper_calls == 3 and len(spy.calls) == 3
+    assert all(c["probe_map"] is None for c in spy.calls)
+    assert qs.jobs[0].ambiguous_evaluations == 3
+    assert any("seen twice" in n for n in spy.notes) and "seen twice" in p.extra_generation_params["QSilk note"]
 
 
 def test_qsilk_keeps_no_replace_key_and_does_not_shadow_others():
@@ -425,6 +434,16 @@ def test_hooks_are_removed_after_the_job_and_when_it_raises():
     # postprocess never ran: the job is still "live" until the next job starts
     run_job(FORGE_NEW, model=sd, steps=2)
     assert forward_hooks(sd) == 0
+
+
+def test_hires_checkpoint_moves_the_probe_to_the_new_model():
+    first, second = fw.make_model(FORGE_NEW, "sd15", seed=0), fw.make_model(FORGE_NEW, "sdxl", seed=1)
+    p, _, qs = run_job(FORGE_NEW, model=first, enable_hr=True, hr_checkpoint=second, steps=3)
+    spy = SpyStabilizer.instances[-1]
+    assert [c["probe_map"] is not None for c in spy.calls] == [True] * 5
+    assert spy.calls[-1]["probe_map"].shape == (1, 1, 16, 16)
+    assert forward_hooks(first) == 0 and forward_hooks(second) == 0
+    assert our_functions(p.sd_model.forge_objects.unet.model_options)  # the hires model was patched
 
 
 def test_interrupt_mid_pass_finishes_and_cleans_up():

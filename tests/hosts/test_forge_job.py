@@ -1,0 +1,161 @@
+"""Whole jobs through the real ``scripts/qsilk.py`` on the Forge doubles.
+
+The script is loaded the way Forge loads it, with the family's modules in ``sys.modules``
+(tests/doubles/forge_webui.py `ForgeHost`: new Forge main dfdcbab6, old Forge tag ``previous``
+bfee03d8, reForge main 3b56b268), and driven through the double's processing flow with API-style
+arguments (one dict). Other Forge extensions (SAG/PAG-like) run in the same job.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from doubles import forge_webui as fw  # noqa: E402
+from doubles.forge_backend import FORGE_NEW, FORGE_OLD, REFORGE  # noqa: E402
+
+from qsilk.hosts import forge  # noqa: E402
+from qsilk.settings import INFOTEXT_KEY, Settings  # noqa: E402
+from qsilk.stabilizer import Stabilizer  # noqa: E402
+
+FAMILIES = (FORGE_NEW, FORGE_OLD, REFORGE)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class CountingStabilizer(Stabilizer):
+    instances: list["CountingStabilizer"] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        CountingStabilizer.instances.append(self)
+        self.applied: list[tuple[int, int]] = []  # (denoiser id, denoiser call number)
+        self.denoisers: dict[int, object] = {}
+
+    def post_cfg(self, x0, step, total_steps, probe_map=None, **kwargs):
+        self.applied.append((step, total_steps, probe_map is not None))
+        return super().post_cfg(x0, step, total_steps, probe_map, **kwargs)
+
+
+@pytest.fixture
+def host(request, monkeypatch):
+    """(ForgeHost, loaded script module) for the family in ``request.param``."""
+    CountingStabilizer.instances.clear()
+    monkeypatch.setattr(forge, "Stabilizer", CountingStabilizer)
+    h = fw.ForgeHost(request.param).install()
+    try:
+        mod = fw.load_script(str(ROOT))
+        yield h, mod
+    finally:
+        h.uninstall()
+        for job in list(forge._LIVE_JOBS):
+            job.close()
+
+
+def run(host, args, *, others=(), model=None, img2img=False, kind="sd15", **p_kwargs):
+    h, mod = host
+    sd = model or fw.make_model(h.family, kind)
+    script = mod.QSilkScript()
+    scripts = [*others, script]
+    script_args = [[True]] * len(others) + ([args] if args is not None else [[]])
+    if args is None:
+        scripts.pop()
+    cls = fw.Img2Img if img2img else fw.Txt2Img
+    if img2img and "init_latent" not in p_kwargs:
+        p_kwargs["init_latent"] = torch.randn(p_kwargs.get("batch_size", 1), sd.latent_channels, 8, 8,
+                                              generator=torch.Generator().manual_seed(3))
+    p = cls(sd, family=h.family, env=h.env, **p_kwargs)
+    p.scripts = fw.ScriptRunner(scripts, script_args)
+    return p, fw.process_images(p)
+
+
+def denoiser_calls(p):
+    return [c for c in p.scripts.hook_calls]
+
+
+@pytest.mark.parametrize("host", FAMILIES, indirect=True)
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_hires_job_through_the_real_script(host, upscaler):
+    h, mod = host
+    assert mod.adapter is forge
+    evaluations = []
+
+    class CountEvaluations(fw.Script):  # a cfg_denoiser callback: one call per evaluation
+        def process(self, p, enabled):
+            p.env.callbacks.cfg_denoiser.append(lambda params: evaluations.append(params.denoiser.step))
+
+    pag = fw.PagLike()
+    p, out = run(host, [{"preset": "Balanced"}], others=[CountEvaluations(), pag], enable_hr=True,
+                 hr_upscaler=upscaler, sampler_name="Heun", steps=3, batch_size=2)
+    stab = CountingStabilizer.instances[-1]
+    assert len(stab.applied) == len(evaluations) == 5 + 3  # once per evaluation, first pass + hires
+    assert pag.post_cfg_calls == len(evaluations)  # PAG ran in every evaluation too
+    assert p.extra_generation_params[INFOTEXT_KEY] == "v=1; preset=Balanced"
+    assert stab.passes == 2 and not p.scripts.errors
+    # no A1111 after-CFG path on Forge: only the test's own denoiser callback is registered
+    assert [k for k, _ in h.registered] == ["ui_settings", "before_ui", "script_unloaded"]
+    assert h.env.callbacks.cfg_after_cfg == []
+    net = p.sd_model.forge_objects_original.unet.model.diffusion_model
+    assert all(not m._forward_hooks for m in net.modules()) and "sample" not in p.__dict__
+
+
+@pytest.mark.parametrize("host", FAMILIES, indirect=True)
+def test_off_is_bit_identical_and_writes_nothing(host):
+    sd = fw.make_model(host[0].family)
+    p0, ref = run(host, None, model=sd, enable_hr=True, steps=3)
+    p1, off = run(host, [{"enabled": False}], model=sd, enable_hr=True, steps=3)
+    assert torch.equal(torch.stack(off.images), torch.stack(ref.images))
+    assert INFOTEXT_KEY not in p1.extra_generation_params
+    assert not CountingStabilizer.instances or not CountingStabilizer.instances[-1].applied
+    assert all(f.__name__ != "qsilk_post_cfg"
+               for f in p1.sd_model.forge_objects.unet.model_options.get("sampler_post_cfg_function", []))
+
+
+@pytest.mark.parametrize("host", [FORGE_NEW], indirect=True)
+def test_bad_argument_fails_the_request_with_the_field_named(host):
+    with pytest.raises(ValueError, match=r"tile must be 4\.\.256"):
+        run(host, [{"tile": 999}], steps=2)
+
+
+@pytest.mark.parametrize("host", [FORGE_NEW], indirect=True)
+def test_flux_like_model_runs_with_lite_and_says_so(host):
+    p, out = run(host, [{"preset": "Balanced"}], kind="flux", cfg_scale=1.0, steps=3)
+    stab = CountingStabilizer.instances[-1]
+    assert len(stab.applied) == 3 and not any(m for _, _, m in stab.applied)
+    assert "Lite" in p.extra_generation_params["QSilk note"]
+    assert torch.isfinite(torch.stack(out.images)).all()
+
+
+@pytest.mark.parametrize("host", [FORGE_NEW, REFORGE], indirect=True)
+def test_img2img_and_inpaint_batch_count(host):
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 4:] = 1.0
+    p, out = run(host, [{"preset": "Balanced"}], img2img=True, mask=mask, n_iter=2, steps=4)
+    stab = CountingStabilizer.instances[-1]
+    assert stab.passes == 2 and len(stab.applied) == 2 * 3  # t_enc + 1 = 3 evaluations per batch
+    assert all(m for _, _, m in stab.applied)
+
+
+@pytest.mark.parametrize("host", FAMILIES, indirect=True)
+def test_ui_builds_with_the_familys_input_accordion(host):
+    """New Forge's InputAccordion is a factory function, old Forge's / reForge's a class; the
+    controls build under the installed Gradio (3.41 here; CI also runs this under 4.40)."""
+    import gradio as gr
+    h, mod = host
+    script = mod.QSilkScript()
+    with gr.Blocks():
+        components = script.ui(False)
+    assert len(components) == len(Settings.from_preset("Balanced").to_args())
+    assert components[0].value is True  # the header checkbox is the on/off switch
+    assert isinstance(getattr(type(script), "sorting_priority", None), (int, float))
