@@ -31,7 +31,7 @@ def latent_stats(d: torch.Tensor) -> dict[str, float]:
     """std, excess kurtosis and the q99.9/q50 ratio of |d − mean|, pooled over the batch.
 
     >>> s = latent_stats(torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(0)))
-    >>> abs(s["d_kurtosis"]) < 0.1, 5.0 < s["d_q999_q50"] < 6.0
+    >>> abs(s["d_kurtosis"]) < 0.1, 4.7 < s["d_q999_q50"] < 5.1  # Gaussian: 3.29 / 0.674 = 4.88
     (True, True)
     """
     v = d.double().reshape(-1)
