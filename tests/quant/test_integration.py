@@ -173,3 +173,26 @@ def test_rowwise_quantile_matches_torch_quantile():
     q = torch.tensor([0.0, 0.001, 0.37, 0.999, 1.0])
     expected = torch.stack([torch.quantile(v[i], q[i]) for i in range(5)])
     torch.testing.assert_close(rowwise_quantile(v, q), expected)
+
+
+def test_per_step_path_reads_nothing_back_from_the_device(monkeypatch):
+    """No `.item()`, `.tolist()` or truth value of a tensor on the per-evaluation path (a host
+    sync on a GPU); checked on CPU by making those raise."""
+    knots = torch.tensor([0.1, 1.0, 10.0])
+    q = quant.QSched("file", torch.tensor([0.9, 1.0, 1.1]), torch.tensor([1.0, 1.05, 1.0]),
+                                   knots=knots, prediction="v")
+    corr_abs = SigmaCorridor(knots, clamp_lo=-torch.ones(3, 4), clamp_hi=torch.ones(3, 4))
+    corr_q = SigmaCorridor(knots, q_lo=torch.full((3,), 0.01), q_hi=torch.full((3,), 0.99))
+    d, x = _data(7)
+    sigma = torch.tensor([0.5, 3.0])
+    q(d, x, sigma)  # warm the device cache outside the guard
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host sync on the per-step path")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    q(d, x, sigma)
+    quant.QSched("ramp", 0.9, 1.1)(d, x, sigma, None, 0.3)
+    corr_abs.bounds(d, sigma)
+    corr_q.bounds(d, sigma, per_channel=True)
