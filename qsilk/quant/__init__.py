@@ -62,7 +62,7 @@ def model_info(sd_model: Any, *, models_dir: str | None = None, opts: Any = None
 
     A1111: hash ``sd_model.sd_model_hash`` / ``sd_checkpoint_info.shorthash``; v-prediction from
     ``sd_model.parameterization == "v"``; flow for SD3 (``is_sd3``). Forge: the KModel's
-    ``predictor.prediction_type`` (``eps`` / ``v_prediction`` / ``const`` = flow) and
+    ``predictor.prediction_type`` (``epsilon`` / ``v_prediction`` / ``edm`` / ``const`` = flow) and
     ``predictor.sigma_data``.
     """
     info = getattr(sd_model, "sd_checkpoint_info", None)
@@ -73,7 +73,8 @@ def model_info(sd_model: Any, *, models_dir: str | None = None, opts: Any = None
     predictor = getattr(kmodel, "predictor", None)
     if predictor is not None:
         ptype = str(getattr(predictor, "prediction_type", "eps"))
-        prediction = {"v_prediction": "v", "v": "v", "const": "flow", "flow": "flow"}.get(ptype, "eps")
+        # 'edm' shares v's skip factor σ_d²/(σ²+σ_d²) (Forge backend/modules/k_prediction.py)
+        prediction = {"v_prediction": "v", "v": "v", "edm": "v", "const": "flow", "flow": "flow"}.get(ptype, "eps")
         sigma_data = float(getattr(predictor, "sigma_data", 1.0) or 1.0)
     elif getattr(sd_model, "parameterization", None) == "v":
         prediction = "v"
