@@ -32,7 +32,7 @@ log = logging.getLogger("qsilk")
 __all__ = [
     "BAND", "CoefficientFileError", "CoefficientSet", "ModelInfo", "QSched", "SigmaCorridor", "Storage",
     "describe_storage", "detect_storage", "exact_c_x", "folder", "interp_log_sigma", "list_files", "load",
-    "make_preconditioner", "match", "model_info", "precondition", "resolve", "save", "simulate_storage",
+    "make_preconditioner", "match", "model_info", "panel_status", "precondition", "resolve", "save", "simulate_storage",
     "skip_factor",
 ]
 
@@ -85,6 +85,17 @@ def model_info(sd_model: Any, *, models_dir: str | None = None, opts: Any = None
                      prediction=prediction, sigma_data=sigma_data, sampler=str(sampler or ""),
                      steps=int(steps or 0), coeff_dir=str(folder(models_dir)) if models_dir else "",
                      model_name=str(name))
+
+
+def panel_status(sd_model: Any, opts: Any = None, models_dir: str | None = None) -> str:
+    """The QSilk panel's read-only low-bit line: detected storage and the coefficient files found."""
+    line = describe_storage(sd_model, opts)
+    if models_dir:
+        d = folder(models_dir)
+        names = list_files(d)
+        shown = ", ".join(n[: -len(".safetensors")] for n in names[:5]) + (" …" if len(names) > 5 else "")
+        line += f" Coefficient files in {d}: {len(names)}" + (f" ({shown})." if names else ".")
+    return line
 
 
 def make_preconditioner(settings: Any, info: ModelInfo | None,

@@ -134,3 +134,16 @@ def test_simulate_storage_copies_and_leaves_original_untouched():
     twin = simulate_storage(m, "nf4")
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
     assert not torch.equal(twin[0].weight, m[0].weight) and torch.equal(twin[1].weight, m[1].weight)
+
+
+def test_panel_status_names_storage_and_files(tmp_path):
+    from qsilk.quant import coeffs as cf
+    from qsilk.quant.coeffs import CoefficientSet
+
+    meta = {"format": "1", "model_hash": "*", "storage": "*", "prediction": "eps", "sampler": "*", "steps": "*",
+            "method": "manual", "created_by": "test"}
+    cf.save(tmp_path / "QSilk" / "flux nf4.safetensors",
+            CoefficientSet(torch.tensor([1.0]), torch.tensor([0.97]), torch.tensor([1.0]), meta))
+    line = quant.panel_status(_forge("nf4"), models_dir=str(tmp_path))
+    assert "nf4" in line and "low-bit" in line and "1 (flux nf4)" in line
+    assert "0." in quant.panel_status(_forge(torch.float16), models_dir=str(tmp_path / "none"))
