@@ -179,6 +179,7 @@ class ForgeJob:
         self._pass_active = False
         self._sampler: Any = None
         self._total: int | None = None
+        self._timesteps_count: int | None = None
         # the evaluation the probe is capturing; see `observe`
         self._ev_sigmas: Any = None
         self._ev_open = False
@@ -228,12 +229,15 @@ class ForgeJob:
         return True
 
     def _wrap_sampler(self, sampler: Any) -> None:
-        for name in ("sample", "sample_img2img"):
+        for name in ("sample", "sample_img2img", "get_timesteps"):
             original = getattr(sampler, name, None)
             if original is None or getattr(original, JOB_ATTR, None) is self:
                 continue
             had_own = name in getattr(sampler, "__dict__", {})
-            wrapper = _pass_wrapper(self, sampler, original)
+            if name == "get_timesteps":  # timestep samplers: DDIM/PLMS evaluation counts need it
+                wrapper = _timesteps_wrapper(self, original)
+            else:
+                wrapper = _pass_wrapper(self, sampler, original)
             setattr(sampler, name, wrapper)
             self._wrapped.append((sampler, name, wrapper, had_own, original))
 
@@ -244,6 +248,7 @@ class ForgeJob:
         self.stabilizer.begin_pass(evaluations_per_step=_evaluations_per_step(sampler), is_hires=is_hr)
         self._pass_active = self.settings.hires or not is_hr
         self._sampler, self._total, self._ev_sigmas, self._ev_open, self._ev_map = sampler, None, None, False, None
+        self._timesteps_count = None
         try:
             samples = original(*args, **kwargs)
         finally:
@@ -268,7 +273,7 @@ class ForgeJob:
         if not isinstance(step, int):
             return None, None
         if self._total is None:
-            self._total = expected_evaluations(sampler, denoiser)
+            self._total = expected_evaluations(sampler, denoiser, self._timesteps_count)
         total = self._total
         return (min(step, total - 1) if total else step), total
 
@@ -407,6 +412,19 @@ def _attn1_observer(job: ForgeJob) -> Callable:
     return qsilk_attn1_observer
 
 
+def _timesteps_wrapper(job: ForgeJob, original: Callable) -> Callable:
+    def qsilk_get_timesteps(*args, **kwargs):
+        timesteps = original(*args, **kwargs)
+        try:
+            job._timesteps_count = len(timesteps)
+        except TypeError:
+            pass
+        return timesteps
+
+    setattr(qsilk_get_timesteps, JOB_ATTR, job)
+    return qsilk_get_timesteps
+
+
 def _pass_wrapper(job: ForgeJob, sampler: Any, original: Callable) -> Callable:
     def qsilk_sampler_pass(*args, **kwargs):
         if job.closed:
@@ -434,10 +452,10 @@ def transformer_block_of(name: str) -> tuple[tuple[str, int], int] | None:
     return (_BLOCK_KIND[kind], int(number or 0)), int(index)
 
 
-def expected_evaluations(sampler: Any, denoiser: Any) -> int | None:
+def expected_evaluations(sampler: Any, denoiser: Any, timesteps_count: int | None = None) -> int | None:
     """Evaluations n of this pass; Forge's samplers and denoiser counters are A1111's."""
     from .a1111 import expected_evaluations as count  # pure helper; imports no WebUI module
-    return count(sampler, denoiser)
+    return count(sampler, denoiser, timesteps_count)
 
 
 def _evaluations_per_step(sampler: Any) -> int:

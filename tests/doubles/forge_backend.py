@@ -119,11 +119,13 @@ class Prediction(nn.Module):
         self.sigma_data = sigma_data
         if prediction_type == "const":
             sigmas = torch.linspace(1.0, 1000.0, 1000) / 1000.0
+            acp = 1.0 / (1.0 + sigmas.double() ** 2)
         else:
             betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
             acp = torch.cumprod(1.0 - betas, 0)
             sigmas = ((1 - acp) / acp) ** 0.5
         self.register_buffer("sigmas", sigmas.float())
+        self.register_buffer("alphas_cumprod", acp.float())
 
     @property
     def sigma_min(self):

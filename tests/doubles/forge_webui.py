@@ -148,7 +148,8 @@ class SamplerData:
 
 
 SAMPLERS = {"Euler": SamplerData("Euler", "sample_euler", {}),
-            "Heun": SamplerData("Heun", "sample_heun", {"second_order": True})}
+            "Heun": SamplerData("Heun", "sample_heun", {"second_order": True}),
+            "DDIM": SamplerData("DDIM", "ddim", {})}
 
 
 @dataclass
@@ -178,11 +179,17 @@ class CFGDenoiser:
         self.steps = self.total_steps = None
         self.step = 0
         self.calls = 0
+        self.classic_ddim_eps_estimation = False
 
     def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond=0.0, image_cond=None):
         p, env = self.p, self.p.env
         if env.state.interrupted:
             raise InterruptedException
+        if self.classic_ddim_eps_estimation:  # timestep samplers: t → σ, x to the k-diffusion frame
+            acd = env.unet_model(p).prediction.alphas_cumprod
+            fake_sigmas = ((1 - acd) / acd) ** 0.5
+            sigma = fake_sigmas[sigma.round().long().clip(0, fake_sigmas.shape[0] - 1)]
+            x = x * ((sigma ** 2 + 1.0) ** 0.5)[:, None, None, None]
         if self.mask is not None:
             noise = torch.randn(self.init_latent.shape, generator=torch.Generator().manual_seed(self.step))
             x = x * self.nmask + env.unet_model(p).prediction.noise_scaling(sigma[:, None, None, None], noise, self.init_latent) * self.mask
@@ -202,8 +209,11 @@ class CFGDenoiser:
         after = AfterCFGCallbackParams(denoised, env.state.sampling_step, env.state.sampling_steps)
         for cb in list(env.callbacks.cfg_after_cfg):
             cb(after)
+        denoised = after.x
         self.step += 1
-        return after.x
+        if self.classic_ddim_eps_estimation:
+            return (x - denoised) / sigma[:, None, None, None]
+        return denoised
 
     __call__ = forward
 
@@ -220,6 +230,10 @@ def sampling_function(denoiser, params, cond_scale, skip_uncond=False):
         uncond, cond_scale = None, 1.0
     return fb.sampling_function_inner(unet.model, params.x, params.sigma, uncond, cond, cond_scale,
                                       unet.model_options, seed=p.seeds[0])
+
+
+def create_sampler(name, sd_model):
+    return CompVisSampler(name, sd_model) if name == "DDIM" else KDiffusionSampler(name, sd_model)
 
 
 class KDiffusionSampler:
@@ -293,6 +307,53 @@ class KDiffusionSampler:
                 denoised_2 = model(x_2, sigmas[i + 1] * s_in, **extra)
                 d = (d + (x_2 - denoised_2) / sigmas[i + 1]) / 2
             x = x + d * dt
+        return x
+
+
+class CompVisSampler(KDiffusionSampler):
+    """``modules/sd_samplers_timesteps.py``: timesteps ``range(0, 1000, 1000 // steps) + 1``; the
+    denoiser runs with ``classic_ddim_eps_estimation`` (its post-CFG functions still see x0, it
+    returns ε); DDIM makes ``len(timesteps) − 1`` evaluations (``sd_samplers_timesteps_impl.ddim``)."""
+
+    def __init__(self, name, sd_model):
+        super().__init__(name, sd_model)
+        self.model_wrap_cfg.classic_ddim_eps_estimation = True
+
+    def get_timesteps(self, p, steps):
+        return torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+
+    def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
+        steps = steps or p.steps
+        self.initialize(p)
+        timesteps = self.get_timesteps(p, steps)
+        extra = self._extra(p, conditioning, unconditional_conditioning)
+        return self.launch_sampling(steps, lambda: self.ddim(x, timesteps, extra))
+
+    def sample_img2img(self, p, x, noise, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
+        steps = steps or p.steps
+        t_enc = int(min(p.denoising_strength, 0.999) * steps)
+        self.initialize(p)
+        timesteps = self.get_timesteps(p, steps)
+        acp = p.env.unet_model(p).prediction.alphas_cumprod
+        a = acp[timesteps[t_enc]]
+        xi = x * a.sqrt() + noise * (1 - a).sqrt()
+        self.model_wrap_cfg.init_latent = x
+        self.last_latent = x
+        extra = self._extra(p, conditioning, unconditional_conditioning)
+        return self.launch_sampling(t_enc + 1, lambda: self.ddim(xi, timesteps[:t_enc], extra))
+
+    def ddim(self, x, timesteps, extra):
+        acp = self.p.env.unet_model(self.p).prediction.alphas_cumprod
+        alphas = acp[timesteps]
+        alphas_prev = torch.cat([acp[:1], acp[timesteps[:-1]]])
+        s_in = x.new_ones([x.shape[0]])
+        for i in range(len(timesteps) - 1):
+            index = len(timesteps) - 1 - i
+            self.p.env.state.sampling_step = i
+            e_t = self.model_wrap_cfg(x, timesteps[index].float() * s_in, **extra)
+            a_t, a_prev = alphas[index], alphas_prev[index]
+            pred_x0 = (x - (1 - a_t).sqrt() * e_t) / a_t.sqrt()
+            x = a_prev.sqrt() * pred_x0 + (1 - a_prev).sqrt() * e_t
         return x
 
 
@@ -429,7 +490,7 @@ class Txt2Img(Processing):
     hr_checkpoint: Any = None  # an SdModel: the hires pass reloads to it (``forge_model_reload``)
 
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
-        self.sampler = KDiffusionSampler(self.sampler_name, self.sd_model)
+        self.sampler = create_sampler(self.sampler_name, self.sd_model)
         x = self.rng(self.latent_shape)
         self.reset_forge_objects()
         self.scripts.process_before_every_sampling(self, x=x, noise=x, c=conditioning, uc=unconditional_conditioning)
@@ -448,7 +509,7 @@ class Txt2Img(Processing):
         if self.env.state.interrupted:
             return samples
         self.is_hr_pass = True
-        self.sampler = KDiffusionSampler(self.hr_sampler_name or self.sampler_name, self.sd_model)
+        self.sampler = create_sampler(self.hr_sampler_name or self.sampler_name, self.sd_model)
         th, tw = int(self.height * self.hr_scale) // OPT_F, int(self.width * self.hr_scale) // OPT_F
         if self.hr_upscaler == "Latent":
             samples = F.interpolate(samples, size=(th, tw), mode="bilinear")
@@ -487,7 +548,7 @@ class Img2Img(Processing):
     def __post_init__(self):
         super().__post_init__()
         self.nmask = None if self.mask is None else 1.0 - self.mask
-        self.sampler = KDiffusionSampler(self.sampler_name, self.sd_model)  # created in init()
+        self.sampler = create_sampler(self.sampler_name, self.sd_model)  # created in init()
 
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         x = self.rng(self.latent_shape)

@@ -341,6 +341,29 @@ def test_whole_job_applies_once_per_evaluation(family):
     assert not p.env.callbacks.cfg_after_cfg and not p.env.callbacks.cfg_denoiser  # no A1111 path
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ddim_post_cfg_sees_x0_and_counts_its_evaluations(family):
+    """Forge's timestep samplers run the denoiser with classic_ddim_eps_estimation: post-CFG
+    functions see x0 in the k-diffusion frame (no ε conversion), DDIM evaluates steps − 1 times."""
+    inputs = []
+
+    class Inputs(fw.Script):
+        def process_before_every_sampling(self, p, enabled, **kwargs):
+            unet = p.sd_model.forge_objects.unet.clone()
+            unet.set_model_sampler_post_cfg_function(
+                lambda a: inputs.append((a["input"], a["sigma"], a["cond_denoised"])) or a["denoised"])
+            p.sd_model.forge_objects.unet = unet
+
+    p, _, qs = run_job(family, sampler_name="DDIM", steps=5, cfg_scale=1.0, before=[Inputs()])
+    spy = SpyStabilizer.instances[-1]
+    assert [c["step"] for c in spy.calls] == [0, 1, 2, 3]
+    assert [c["total"] for c in spy.calls] == [4] * 4
+    for c, (x, sigma, cond_x0) in zip(spy.calls, inputs):
+        assert torch.equal(c["x0"], cond_x0)  # CFG 1: the post-CFG value is the cond x0 itself
+        assert c["sigma"] is sigma and float(sigma[0]) > 0
+    assert all(c["probe_map"] is not None for c in spy.calls)
+
+
 # -- probe rows ------------------------------------------------------------------------------
 def reference_map(sd, p, x, sigma, batch):
     """The entropy map computed directly from the probed layer's cond rows (oracle)."""
