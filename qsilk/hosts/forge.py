@@ -17,6 +17,8 @@ What is installed, from the script's ``process_before_every_sampling`` (Forge re
   the pass (`Stabilizer.begin_pass`: exactly once per sampler invocation, however often the hook
   ran) and stabilises the pass's output latent once, before whatever follows it: the first-pass
   decode for an image upscaler, the latent upscale, the hires final decode, the final decode.
+- **Refiner switch**: a job-scoped ``on_cfg_denoiser`` guard re-installs on the refiner's patcher
+  (the switch reloads the model inside the denoiser without calling the hook).
 - **Entropy probe** (SD1.x/SD2/SDXL UNets): forward hooks on the probed ``attn1``'s ``to_q`` /
   ``to_k`` (`EntropyProbe`) and an *observing* ``attn1_patch`` (the patch list composes) that
   returns its inputs unchanged and reads ``cond_or_uncond`` / ``sigmas`` / ``original_shape``. No
@@ -86,6 +88,7 @@ def start_job(p: Any, settings: Settings) -> "ForgeJob | None":
 
     def sample(*args: Any, **kwargs: Any) -> Any:
         try:
+            job.add_refiner_guard()
             return original(*args, **kwargs)
         finally:
             job.release()
@@ -187,6 +190,7 @@ class ForgeJob:
         self._ev_chunks: tuple[int, ...] | None = None
         self.ambiguous_evaluations = 0
         self._ev_map: torch.Tensor | None = None
+        self._guard: Callable | None = None
         self.post_cfg_function = _post_cfg_function(self)
         self.fence_function = _fence_function(self)
         self.attn1_observer = _attn1_observer(self)
@@ -331,6 +335,44 @@ class ForgeJob:
                                         nmask=_nmask(self._p(), self._sampler, x0),
                                         x_noisy=args.get("input"), c_skip=c_skip)
 
+    # -- refiner ------------------------------------------------------------------------------
+    def add_refiner_guard(self) -> None:
+        """Register the job's ``on_cfg_denoiser`` guard for this ``p.sample`` call.
+
+        The refiner switch (``sd_samplers_common.apply_refiner``) reloads the model inside the
+        denoiser, and LoRA activation then resets ``forge_objects.unet`` — without calling
+        ``process_before_every_sampling``. The ``cfg_denoiser`` callbacks run after that and
+        before the sampling function reads ``forge_objects.unet``, so the guard re-installs on the
+        new model's patcher there (one list-membership check per evaluation otherwise)."""
+        callbacks = sys.modules.get("modules.script_callbacks")
+        register = getattr(callbacks, "on_cfg_denoiser", None)
+        if not self.per_step or self._guard is not None or not callable(register):
+            return
+        self._guard = _refiner_guard(self)
+        register(self._guard)
+
+    def _remove_refiner_guard(self) -> None:
+        guard, self._guard = self._guard, None
+        callbacks = sys.modules.get("modules.script_callbacks")
+        if guard is None or callbacks is None:
+            return
+        remover = getattr(callbacks, "remove_callbacks_for_function", None)  # A1111 ≥ 1.6, every Forge
+        if callable(remover):
+            remover(guard)
+        for entries in (getattr(callbacks, "callback_map", None) or {}).values():
+            entries[:] = [e for e in entries if getattr(e, "callback", None) is not guard]
+        ordered = getattr(callbacks, "ordered_callbacks_map", None)  # 1.9+: a cache keyed by length
+        if isinstance(ordered, dict):
+            ordered.pop("cfg_denoiser", None)
+
+    def guard_evaluation(self) -> None:
+        p = self._p()
+        if self.closed or self._sampler is None or p is None:
+            return
+        unet = p.sd_model.forge_objects.unet
+        if self.post_cfg_function not in unet.model_options.get("sampler_post_cfg_function", ()):
+            self.install(p)
+
     # -- notes, errors, end -----------------------------------------------------------------
     def note(self, message: str) -> None:
         self.stabilizer.note(message)
@@ -350,8 +392,13 @@ class ForgeJob:
         self.note(f"error while {where}, passed through: {exc}")
 
     def release(self) -> None:
-        """Remove the module hooks and sampler wrappers (after every ``p.sample``, also when it
-        raised). The post-CFG closure stays in that batch's throw-away patcher clone."""
+        """Remove the module hooks, the sampler wrappers and the refiner guard (after every
+        ``p.sample``, also when it raised). The post-CFG closure stays in that batch's
+        throw-away patcher clone."""
+        try:
+            self._remove_refiner_guard()
+        except Exception:  # never let cleanup hide the job's own result or exception
+            log.exception("QSilk: removing the cfg_denoiser callback failed")
         if self.probe is not None:
             self.probe.detach()
         self._probe_module = None
@@ -384,6 +431,16 @@ def _post_cfg_function(job: ForgeJob) -> Callable[[dict], torch.Tensor]:
             return x0
 
     return qsilk_post_cfg
+
+
+def _refiner_guard(job: ForgeJob) -> Callable[[Any], None]:
+    def qsilk_refiner_guard(params):
+        try:
+            job.guard_evaluation()
+        except Exception as exc:
+            job.glue_error("re-installing after a model switch", exc)
+
+    return qsilk_refiner_guard
 
 
 def _fence_function(job: ForgeJob) -> Callable[[dict], torch.Tensor]:

@@ -190,6 +190,7 @@ class CFGDenoiser:
             fake_sigmas = ((1 - acd) / acd) ** 0.5
             sigma = fake_sigmas[sigma.round().long().clip(0, fake_sigmas.shape[0] - 1)]
             x = x * ((sigma ** 2 + 1.0) ** 0.5)[:, None, None, None]
+        apply_refiner(self)
         if self.mask is not None:
             noise = torch.randn(self.init_latent.shape, generator=torch.Generator().manual_seed(self.step))
             x = x * self.nmask + env.unet_model(p).prediction.noise_scaling(sigma[:, None, None, None], noise, self.init_latent) * self.mask
@@ -216,6 +217,18 @@ class CFGDenoiser:
         return denoised
 
     __call__ = forward
+
+
+def apply_refiner(denoiser):
+    """``sd_samplers_common.apply_refiner``: at ``step/total_steps ≥ refiner_switch_at`` the
+    model is reloaded (``p.sd_model`` is ``shared.sd_model``: now the refiner) and LoRA activation
+    resets ``forge_objects.unet`` to the loaded model's — no script hook is called."""
+    p = denoiser.p
+    if p.refiner is None or p.sd_model is p.refiner or denoiser.step / denoiser.total_steps < p.refiner_switch_at:
+        return False
+    p.sd_model = p.refiner
+    p.sd_model.forge_objects = p.sd_model.forge_objects_original.shallow_copy()
+    return True
 
 
 def sampling_function(denoiser, params, cond_scale, skip_uncond=False):
@@ -450,6 +463,8 @@ class Processing:
     env: Env = field(default_factory=Env)
     extra_generation_params: dict = field(default_factory=dict)
     denoising_strength: float = 0.6
+    refiner: Any = None  # an SdModel to switch to inside the denoiser
+    refiner_switch_at: float = 0.5
     is_hr_pass: bool = dataclasses.field(default=False, init=False)
 
     def __post_init__(self):
@@ -794,9 +809,16 @@ class ForgeHost:
             m.__dict__.update(attrs)
             return m
 
-        callbacks = module("modules.script_callbacks", **{f"on_{k}": on(k) for k in (
-            "ui_settings", "before_ui", "script_unloaded", "cfg_denoiser", "cfg_after_cfg", "cfg_denoised",
-            "model_loaded", "infotext_pasted", "ui_tabs", "app_started")})
+        def remove_callbacks_for_function(fn):
+            self.registered[:] = [(k, c) for k, c in self.registered if c != fn]
+            for kind in ("cfg_denoiser", "cfg_after_cfg"):
+                entries = getattr(self.env.callbacks, kind)
+                entries[:] = [c for c in entries if c != fn]
+
+        callbacks = module("modules.script_callbacks", remove_callbacks_for_function=remove_callbacks_for_function,
+                           **{f"on_{k}": on(k) for k in (
+                               "ui_settings", "before_ui", "script_unloaded", "cfg_denoiser", "cfg_after_cfg",
+                               "cfg_denoised", "model_loaded", "infotext_pasted", "ui_tabs", "app_started")})
         self.modules = {
             "modules": module("modules", __path__=[]),
             "modules.scripts": module("modules.scripts", Script=Script, AlwaysVisible=AlwaysVisible, scripts_data=[]),

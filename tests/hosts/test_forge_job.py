@@ -103,9 +103,9 @@ def test_hires_job_through_the_real_script(host, upscaler):
     assert pag.post_cfg_calls == len(evaluations)  # PAG ran in every evaluation too
     assert p.extra_generation_params[INFOTEXT_KEY] == "v=1; preset=Balanced"
     assert stab.passes == 2 and not p.scripts.errors
-    # no A1111 after-CFG path on Forge: only the test's own denoiser callback is registered
+    # no A1111 after-CFG path on Forge; the refiner guard lived only while p.sample ran
     assert [k for k, _ in h.registered] == ["ui_settings", "before_ui", "script_unloaded"]
-    assert h.env.callbacks.cfg_after_cfg == []
+    assert h.env.callbacks.cfg_after_cfg == [] and len(h.env.callbacks.cfg_denoiser) == 1
     net = p.sd_model.forge_objects_original.unet.model.diffusion_model
     assert all(not m._forward_hooks for m in net.modules()) and "sample" not in p.__dict__
 
@@ -159,3 +159,20 @@ def test_ui_builds_with_the_familys_input_accordion(host):
     assert len(components) == len(Settings.from_preset("Balanced").to_args())
     assert components[0].value is True  # the header checkbox is the on/off switch
     assert isinstance(getattr(type(script), "sorting_priority", None), (int, float))
+
+
+@pytest.mark.parametrize("host", FAMILIES, indirect=True)
+def test_refiner_switch_reinstalls_on_the_refiner(host):
+    """The refiner switch reloads the model inside the denoiser and LoRA activation resets the
+    patcher, without a sampling hook: QSilk's cfg_denoiser guard installs on the refiner's
+    patcher before its first evaluation, and the probe moves to the refiner's UNet."""
+    h, _ = host
+    base, refiner = fw.make_model(h.family, "sd15", seed=0), fw.make_model(h.family, "sdxl", seed=4)
+    p, out = run(host, [{"preset": "Balanced"}], model=base, refiner=refiner, refiner_switch_at=0.5, steps=4)
+    stab = CountingStabilizer.instances[-1]
+    assert p.sd_model is refiner
+    assert [(s, m) for s, _, m in stab.applied] == [(0, True), (1, True), (2, True), (3, True)]
+    for sd in (base, refiner):
+        net = sd.forge_objects_original.unet.model.diffusion_model
+        assert all(not m._forward_hooks for m in net.modules())
+    assert h.env.callbacks.cfg_denoiser == []
