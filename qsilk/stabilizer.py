@@ -17,6 +17,7 @@ import torch
 
 from .aqclip import AQClipState, aqclip
 from .clamp import micro_clamp
+from .confidence import entropy_to_confidence
 from .settings import Settings
 
 log = logging.getLogger("qsilk")
@@ -280,7 +281,8 @@ class Stabilizer:
                 self.lite_fallbacks += 1
             beta = s.ema_beta ** (1.0 / ps.evaluations_per_step)
             result = aqclip(
-                out, probe_map if use_attn else None, tile=s.tile, stride=s.stride,
+                out, entropy_to_confidence(probe_map, s.aqclip_variant) if use_attn else None,
+                tile=s.tile, stride=s.stride,
                 shape=s.aqclip_shape, alpha=s.aqclip_alpha, variant=s.aqclip_variant,
                 p_wide=s.p_wide, p_narrow=s.p_narrow, strength=1.0,
                 state=ps.aq_state if per_step else None, sigma_floor=s.sigma_floor,

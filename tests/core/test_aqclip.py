@@ -395,3 +395,27 @@ def test_sparse_features_keep_contrast_and_spikes_are_still_cut(preset, min_kept
     assert s.sigma_floor == 1.0 and min(kept) >= min_kept
     assert max(kept_unfloored) < 0.5  # without the floor stars lose most of their contrast
     assert max(residual) < 1.0  # the spike is still cut by more than 75 %
+
+
+# -- no host synchronisation (spec §0) ---------------------------------------------------------
+@pytest.fixture
+def forbid_host_sync(monkeypatch):
+    """Make every Tensor → Python value conversion raise: ``.item()``, ``bool()``, ``float()``…"""
+    def sync(*args, **kwargs):
+        raise AssertionError("host synchronisation on the per-step path")
+    for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+
+
+def test_per_step_path_never_syncs_with_the_host(forbid_host_sync):
+    from qsilk.clamp import micro_clamp
+    x = torch.randn(2, 4, 40, 56)
+    x[1, 0, 0, 0] = float("nan")
+    micro_clamp(x)
+    micro_clamp(x, shape="soft", per_channel=True)
+    for variant in ("qsilk", "paper"):
+        state = AQClipState()
+        aqclip(x, None, variant=variant, state=state)
+        aqclip(x, torch.rand(2, 1, 10, 14), variant=variant, state=state, return_maps=True)
+        aqclip(x, None, variant=variant, state=state)
+        aqclip(x, tile=33, stride=17, variant=variant)
