@@ -756,7 +756,24 @@ def _input_accordion(family):
     in old Forge and reForge (A1111 1.8+ base) the class itself."""
     import gradio as gr
 
+    # New Forge (Gradio 4) patches ``gradio.component_meta.create_or_modify_pyi`` to skip classes
+    # marked ``webui_do_not_create_gradio_pyi_thank_you`` (modules/gradio_extensions.py); Gradio 4
+    # would otherwise try to write a .pyi stub for this subclass. Same here, while it is defined.
+    meta = getattr(gr, "component_meta", None)
+    original_pyi = getattr(meta, "create_or_modify_pyi", None)
+    if original_pyi is not None:
+        meta.create_or_modify_pyi = lambda cls, *a, **k: (
+            None if hasattr(cls, "webui_do_not_create_gradio_pyi_thank_you") else original_pyi(cls, *a, **k))
+    try:
+        return _define_input_accordion(gr, family)
+    finally:
+        if original_pyi is not None:
+            meta.create_or_modify_pyi = original_pyi
+
+
+def _define_input_accordion(gr, family):
     class InputAccordionImpl(gr.Checkbox):
+        webui_do_not_create_gradio_pyi_thank_you = True
         global_index = 0
 
         def __init__(self, value=None, setup=False, **kwargs):
