@@ -218,9 +218,12 @@ class ForgeJob:
         """Hook the probed layer of this patcher's UNet; False (and a note) where there is none."""
         diffusion_model = getattr(getattr(unet, "model", None), "diffusion_model", None)
         found = find_probe_layer(diffusion_model) if isinstance(diffusion_model, torch.nn.Module) else None
-        block = transformer_block_of(found[0]) if found else None
-        if found is None or block is None:
+        if found is None:
             self.note("no UNet self-attention on this model (Flux / SD3 / Chroma): AQClip uses Lite confidence")
+            return False
+        block = transformer_block_of(found[0])
+        if block is None:
+            self.note(f"attention probe: unknown UNet layout ({found[0]}); AQClip uses Lite confidence")
             return False
         name, module = found
         if self.probe is None:  # probe_queries 0 = auto (1024 on CUDA, 256 on CPU)
