@@ -1,0 +1,270 @@
+"""QSilk core benchmark: cost ratios measured side by side in one run (issue #2).
+
+(a) `Stabilizer.post_cfg` (Balanced, Lite confidence) ÷ one UNet evaluation — target ≤ 0.5 %;
+    the entropy probe on the real probed layer + its map + `post_cfg` with it ÷ one UNet
+    evaluation — target ≤ 2 %. Random-weight SD1.5-size UNet, 512² image → 64×64 latent, CPU.
+    The UNet sees batch 2: one image's cond and uncond rows, as AUTOMATIC1111 runs them (2·B rows for
+    batch size B = 1); post_cfg and the map work on that one image's x0.
+(b) micro_clamp + aqclip ÷ a literal reading of the paper's Algorithm 1 (`bench/paper_alg1.py`:
+    torch.quantile, unfold/fold, a loop over samples) at 128² and 640² latents — target ≥ 5× faster.
+(c) on CUDA, (a) with an SDXL-size UNet at 1024² (latent 128², fp16); skipped on CPU with a note.
+
+Each measured thing alternates with the others inside one loop (warm-up, then repeats; the order
+flips every repeat) and every ratio is the median of the per-repeat ratios.
+
+    python bench/bench_core.py [--quick] [--reps N] [--unet auto|diffusers|local] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make `bench` and `qsilk` importable from the checkout
+    sys.path.insert(0, str(ROOT))
+
+from bench.paper_alg1 import literal_pipeline  # noqa: E402
+from bench.sd_unet import SD15, SDXL, TINY, UNetConfig, UNetModel, dummy_inputs  # noqa: E402
+from qsilk import EntropyProbe, Settings, Stabilizer, aqclip, find_probe_layer, micro_clamp  # noqa: E402
+from qsilk.probe import probe_layer_factor  # noqa: E402
+
+DEFAULT_JSON = ROOT / "bench" / "results" / "core.json"
+TARGET_POST_CFG = 0.005
+TARGET_PROBE = 0.02
+TARGET_SPEEDUP = 5.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t0, out
+
+
+def build_unet(kind: str, cfg: UNetConfig, device: torch.device, dtype: torch.dtype):
+    """``(module, call(x, t, ctx, y), description)``. `kind`: diffusers | local | auto."""
+    if kind in ("auto", "diffusers") and cfg == SD15:
+        try:
+            from diffusers import UNet2DConditionModel
+        except ImportError:
+            if kind == "diffusers":
+                raise
+        else:
+            torch.manual_seed(0)
+            unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768).to(device).eval()
+            if dtype != torch.float32:
+                unet = unet.to(dtype)
+            return (unet, lambda x, t, c, y: unet(x, t, encoder_hidden_states=c).sample,
+                    "diffusers UNet2DConditionModel, SD1.5 config, random weights")
+    torch.manual_seed(0)
+    unet = UNetModel(cfg).to(device, dtype).eval()
+    label = {SD15: "SD1.5", SDXL: "SDXL", TINY: "tiny (smoke test)"}.get(cfg, "custom")
+    return unet, lambda x, t, c, y: unet(x, t, c, y), f"bench/sd_unet.py {label}-size ldm-layout UNet, random weights"
+
+
+def measure_unet_ratios(cfg: UNetConfig = SD15, *, latent_hw=(64, 64), unet_batch: int = 2, reps: int = 5,
+                        warmup: int = 1, device="cpu", dtype=torch.float32, unet_kind: str = "auto",
+                        max_queries: int = 0) -> dict:
+    """(a)/(c): post_cfg and probe cost relative to one UNet evaluation, side by side."""
+    device = torch.device(device)
+    unet, call, desc = build_unet(unet_kind, cfg, device, dtype)
+    n_params = sum(p.numel() for p in unet.parameters())
+    name, layer = find_probe_layer(unet)
+    factor = probe_layer_factor(unet, name)
+    x, t, ctx, y = dummy_inputs(cfg, unet_batch, latent_hw, device, dtype)
+    images = max(1, unet_batch // 2)
+    x0 = torch.randn(images, 4, *latent_hw, generator=torch.Generator().manual_seed(1)).mul(1.5).to(device, dtype)
+
+    lite, attn = Stabilizer(Settings.from_preset("Balanced")), Stabilizer(Settings.from_preset("Balanced"))
+    lite.begin_pass()
+    attn.begin_pass()
+    probe = EntropyProbe(heads=2, max_queries=max_queries)
+    hook_seconds = [0.0]
+    on_projection = probe._on_projection
+
+    def timed_projection(which, out):  # the time spent inside the probe's hooks
+        _sync(device)
+        t0 = time.perf_counter()
+        on_projection(which, out)
+        _sync(device)
+        hook_seconds[0] += time.perf_counter() - t0
+
+    probe._on_projection = timed_projection
+    rows = {k: [] for k in ("unet", "unet_with_probe", "probe_hooks", "take_map", "post_cfg", "post_cfg_attn")}
+    failures = []
+    with torch.inference_mode():
+        for rep in range(warmup + reps):
+            step = rep % 20
+            sample = {}
+
+            def plain():
+                sample["unet"] = _timed(lambda: call(x, t, ctx, y), device)[0]
+
+            def probed():
+                probe.attach(layer, factor=factor)
+                probe.begin_evaluation(latent_hw, images)
+                hook_seconds[0] = 0.0
+                sample["unet_with_probe"] = _timed(lambda: call(x, t, ctx, y), device)[0]
+                sample["probe_hooks"] = hook_seconds[0]
+                sample["take_map"], sample["map"] = _timed(probe.take_map, device)
+                probe.detach()
+
+            for fn in ((plain, probed) if rep % 2 == 0 else (probed, plain)):
+                fn()
+            emap = sample.pop("map")
+            if emap is None:
+                failures.append(probe.last_failure)
+            sample["post_cfg"] = _timed(lambda: lite.post_cfg(x0, step, 20), device)[0]
+            sample["post_cfg_attn"] = _timed(lambda: attn.post_cfg(x0, step, 20, probe_map=emap), device)[0]
+            if rep >= warmup:
+                for k, v in sample.items():
+                    rows[k].append(v)
+    per_rep = lambda f: statistics.median(f(i) for i in range(reps))  # noqa: E731
+    unet_s = rows["unet"]
+    result = {
+        "unet": desc, "unet_params_M": round(n_params / 1e6, 2), "latent": list(latent_hw),
+        "unet_batch": unet_batch, "images": images, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "probe_layer": name, "probe_factor": factor, "probe_queries": max_queries or
+        (1024 if device.type == "cuda" else 256), "reps": reps, "warmup": warmup,
+        "median_s": {k: statistics.median(v) for k, v in rows.items()},
+        "post_cfg_ratio": per_rep(lambda i: rows["post_cfg"][i] / unet_s[i]),
+        "probe_ratio": per_rep(lambda i: (rows["probe_hooks"][i] + rows["take_map"][i] + rows["post_cfg_attn"][i])
+                               / unet_s[i]),
+        "probe_only_ratio": per_rep(lambda i: (rows["probe_hooks"][i] + rows["take_map"][i]) / unet_s[i]),
+        "unet_with_probe_ratio": per_rep(lambda i: rows["unet_with_probe"][i] / unet_s[i] - 1.0),
+        "probe_failures": sorted(set(filter(None, failures))),
+        "lite_report": {k: lite.report()[k] for k in ("evaluations", "errors", "nan_passthrough")},
+        "attn_report": {k: attn.report()[k] for k in ("evaluations", "attn_maps", "lite_fallbacks", "errors")},
+    }
+    del unet
+    return result
+
+
+def measure_core_vs_literal(sizes=(128, 640), *, batch: int = 1, reps: int = 5, warmup: int = 1,
+                            device="cpu") -> list[dict]:
+    """(b): our micro_clamp + aqclip (qsilk and paper variants) vs the literal Algorithm 1."""
+    device = torch.device(device)
+    out = []
+    for size in sizes:
+        x = torch.randn(batch, 4, size, size, generator=torch.Generator().manual_seed(size)).mul(1.5).to(device)
+        ours_q = lambda: aqclip(micro_clamp(x))  # noqa: E731
+        ours_p = lambda: aqclip(micro_clamp(x), variant="paper")  # noqa: E731
+        literal = lambda: literal_pipeline(x)  # noqa: E731
+        rows = {"ours_qsilk": [], "ours_paper": [], "literal": []}
+        fns = list(zip(rows, (ours_q, ours_p, literal)))
+        with torch.inference_mode():
+            for rep in range(warmup + reps):
+                sample = {k: _timed(fn, device)[0] for k, fn in (fns if rep % 2 == 0 else fns[::-1])}
+                if rep >= warmup:
+                    for k, v in sample.items():
+                        rows[k].append(v)
+        med = lambda f: statistics.median(f(i) for i in range(reps))  # noqa: E731
+        out.append({
+            "latent": [size, size], "batch": batch, "device": str(device), "reps": reps,
+            "median_s": {k: statistics.median(v) for k, v in rows.items()},
+            "speedup_qsilk": med(lambda i: rows["literal"][i] / rows["ours_qsilk"][i]),
+            "speedup_paper": med(lambda i: rows["literal"][i] / rows["ours_paper"][i]),
+        })
+    return out
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    if info["cuda"]:
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.3f} %"
+
+
+def format_table(results: dict) -> str:
+    lines = [f"machine: {results['machine']['cpu_count']} CPU cores ({results['machine']['cpu']}), "
+             f"torch {results['machine']['torch']}, {results['machine']['torch_threads']} threads"
+             + (f", GPU {results['machine']['gpu']}" if results["machine"].get("gpu") else ""), ""]
+    for key, title in (("a", "(a) CPU, SD1.5-size"), ("c", "(c) CUDA, SDXL-size")):
+        r = results.get(key)
+        if not isinstance(r, dict):
+            lines += [f"{title}: {r}", ""]
+            continue
+        m = r["median_s"]
+        lines += [f"{title}: {r['unet']} ({r['unet_params_M']} M params), latent {r['latent'][0]}×{r['latent'][1]}, "
+                  f"UNet batch {r['unet_batch']} (cond+uncond of {r['images']} image), {r['dtype']}, "
+                  f"{r['reps']} repeats; probe on {r['probe_layer']} (f={r['probe_factor']}, "
+                  f"{r['probe_queries']} queries × 2 heads)",
+                  f"  {'measurement':44s} {'median':>10s} {'÷ UNet':>10s} {'target':>9s}",
+                  f"  {'one UNet evaluation':44s} {m['unet'] * 1e3:8.1f} ms",
+                  f"  {'post_cfg (Balanced, Lite)':44s} {m['post_cfg'] * 1e3:8.2f} ms {_pct(r['post_cfg_ratio']):>10s} "
+                  f"{'≤ 0.5 %':>9s} {'ok' if r['post_cfg_ratio'] <= TARGET_POST_CFG else 'MISSED'}",
+                  f"  {'probe hooks + take_map':44s} {(m['probe_hooks'] + m['take_map']) * 1e3:8.2f} ms "
+                  f"{_pct(r['probe_only_ratio']):>10s}",
+                  f"  {'probe + post_cfg with its map (Attn)':44s} "
+                  f"{(m['probe_hooks'] + m['take_map'] + m['post_cfg_attn']) * 1e3:8.2f} ms "
+                  f"{_pct(r['probe_ratio']):>10s} {'≤ 2 %':>9s} {'ok' if r['probe_ratio'] <= TARGET_PROBE else 'MISSED'}",
+                  f"  {'(UNet with probe attached − UNet) / UNet':44s} {'':10s} {_pct(r['unet_with_probe_ratio']):>10s}"
+                  "   (difference of two noisy timings)", ""]
+        if r["probe_failures"]:
+            lines.append(f"  probe produced no map: {r['probe_failures']}")
+    lines += ["(b) micro_clamp + aqclip vs literal Algorithm 1 (torch.quantile, unfold/fold, per-sample loop), CPU",
+              f"  {'latent':10s} {'ours qsilk':>11s} {'ours paper':>11s} {'literal':>10s} {'speed-up q/p':>14s} {'target':>8s}"]
+    for r in results["b"]:
+        m = r["median_s"]
+        ok = min(r["speedup_qsilk"], r["speedup_paper"]) >= TARGET_SPEEDUP
+        lines.append(f"  {r['latent'][0]}×{r['latent'][1]:<6d} {m['ours_qsilk'] * 1e3:8.1f} ms {m['ours_paper'] * 1e3:8.1f} ms "
+                     f"{m['literal'] * 1e3:7.1f} ms {r['speedup_qsilk']:6.1f}× /{r['speedup_paper']:5.1f}× "
+                     f"{'≥ 5×':>8s} {'ok' if ok else 'MISSED'}")
+    return "\n".join(lines)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Command-line entry (also `python -m qsilk bench`): measure, print the table, write JSON."""
+    ap = argparse.ArgumentParser(prog="bench_core", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny UNet and sizes, 2 repeats (CI smoke; not the targets)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repeats per measurement (default 5; quick 2)")
+    ap.add_argument("--unet", choices=("auto", "diffusers", "local"), default="auto",
+                    help="SD1.5-size UNet: diffusers' UNet2DConditionModel if installed (auto), or bench/sd_unet.py")
+    ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"where to write results (default {DEFAULT_JSON})")
+    args = ap.parse_args(argv)
+    reps = args.reps or (2 if args.quick else 5)
+    warmup = 0 if args.quick else 1
+    results = {"machine": machine(), "quick": args.quick, "command": "python bench/bench_core.py "
+               + " ".join(argv if argv is not None else sys.argv[1:])}
+    if args.quick:
+        results["a"] = measure_unet_ratios(TINY, latent_hw=(16, 16), reps=reps, warmup=warmup, unet_kind="local")
+        results["b"] = measure_core_vs_literal((32, 64), reps=reps, warmup=warmup)
+    else:
+        results["a"] = measure_unet_ratios(SD15, reps=reps, warmup=warmup, unet_kind=args.unet)
+        results["b"] = measure_core_vs_literal((128, 640), reps=reps, warmup=warmup)
+    if torch.cuda.is_available():
+        cfg, hw = (TINY, (32, 32)) if args.quick else (SDXL, (128, 128))
+        results["c"] = measure_unet_ratios(cfg, latent_hw=hw, reps=reps, warmup=max(1, warmup), device="cuda",
+                                           dtype=torch.float16, unet_kind="local")
+    else:
+        results["c"] = "skipped: no CUDA device (the SDXL-size 1024² measurement runs only on a GPU)"
+    print(format_table(results))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    print(f"\nresults written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())
