@@ -7,4 +7,5 @@ PY=${PYTHON:-python3}
 # The CPU build of torch first, so nothing below pulls a CUDA build (torch>=2.1 works).
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test]"
+# models: diffusers + transformers for the command line's checkpoint path (its tests build a tiny checkpoint)
+.venv/bin/python -m pip install -q -e ".[test,models]"

@@ -186,6 +186,9 @@ def run(args: argparse.Namespace) -> int:
         raise SettingsError(f"--batch-size must be at least 1 (got {args.batch_size})")
     variants = build_variants(args)
     seeds = parse_seeds(args.seeds)
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SettingsError(f"--out {out_dir}: exists and is not a folder")
     learned = [M.load_learned_metric(n, clip_model=args.clip_model) for n in args.metric]
     model = load_model(args, device)
     latent_hw = getattr(model, "latent_hw", None) if args.model == "analytic" else None

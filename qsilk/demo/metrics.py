@@ -121,20 +121,31 @@ def periodic_index(images: torch.Tensor, ratio: float = 20.0, min_radius: float 
     b, h, w = p.shape
     fy = torch.fft.fftfreq(h, d=1.0 / h, device=p.device, dtype=torch.float64)
     fx = torch.fft.fftfreq(w, d=1.0 / w, device=p.device, dtype=torch.float64)
-    ring = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt().round().long()
-    ring_flat = ring.flatten()
-    n_rings = int(ring_flat.max()) + 1
+    ring = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt().round().long().flatten()
     flat = p.flatten(1)
-    med = torch.zeros(b, n_rings, dtype=torch.float64, device=p.device)
-    for k in range(n_rings):  # a few dozen rings; median needs a loop or a sort per ring
-        sel = ring_flat == k
-        if bool(sel.any()):
-            med[:, k] = flat[:, sel].median(dim=1).values
-    background = med[:, ring_flat]
+    med = _ring_medians(flat, ring)
+    background = med[:, ring]
     radius = _radius(h, w, device=p.device).flatten()
     peak = (flat > ratio * background) & (radius > min_radius)[None, :]
     total = flat.sum(1)
     return torch.where(total > 0, (flat * peak).sum(1) / total.clamp_min(1e-300), torch.zeros_like(total))
+
+
+def _ring_medians(values: torch.Tensor, ring: torch.Tensor) -> torch.Tensor:
+    """Median of each ring's values per row: ``(B, N)`` values, ``(N,)`` ring ids → ``(B, rings)``.
+
+    Sort by value, then stably by ring: each ring becomes a sorted contiguous run, whose middle
+    one or two entries give the median (no Python loop over rings).
+    """
+    by_value = values.argsort(dim=1)
+    by_ring = ring[by_value].argsort(dim=1, stable=True)
+    ordered = values.gather(1, by_value.gather(1, by_ring))
+    counts = torch.bincount(ring)
+    starts = counts.cumsum(0) - counts
+    lo = (starts + (counts - 1).clamp_min(0) // 2).clamp_max(values.shape[1] - 1)
+    hi = (starts + counts // 2).clamp_max(values.shape[1] - 1)
+    med = 0.5 * (ordered[:, lo] + ordered[:, hi])
+    return torch.where(counts[None] > 0, med, torch.zeros_like(med))
 
 
 def _hann(h: int, w: int, device: Any = None) -> torch.Tensor:

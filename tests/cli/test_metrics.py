@@ -152,3 +152,14 @@ def test_unknown_metric_and_missing_package_fail_with_clear_messages(monkeypatch
         M.load_learned_metric("lpips")
     with pytest.raises(CommandError, match="--clip-model"):
         M.load_learned_metric("clip_score")
+
+
+def test_ring_medians_match_numpy_median_per_ring():
+    rng = np.random.default_rng(4)
+    values = rng.random((3, 50))
+    ring = rng.integers(0, 7, 50)
+    ring[ring == 5] = 4  # ring 5 empty → 0
+    got = M._ring_medians(torch.from_numpy(values), torch.from_numpy(ring)).numpy()
+    for k in range(7):
+        expected = np.median(values[:, ring == k], axis=1) if (ring == k).any() else np.zeros(3)
+        np.testing.assert_allclose(got[:, k], expected, rtol=1e-12)

@@ -55,7 +55,7 @@ def tiny_components(seed: int = 0) -> dict:
         num_attention_heads=4, max_position_embeddings=77, projection_dim=32, bos_token_id=0, eos_token_id=1,
         pad_token_id=1))
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       num_train_timesteps=1000, prediction_type="epsilon")
+                                       num_train_timesteps=1000, prediction_type="epsilon", steps_offset=1)
     return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": text.eval(), "scheduler": scheduler}
 
 
