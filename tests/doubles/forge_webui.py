@@ -585,8 +585,13 @@ def decode_latent_batch(sd_model, batch):
 
 @dataclass
 class Processed:
+    """``modules.processing.Processed``: PIL ``images`` (what the gallery shows), ``infotexts``,
+    ``comments``; ``samples`` keeps the float images for exact comparisons in tests."""
     images: list
     extra_generation_params: dict
+    samples: list = field(default_factory=list)
+    infotexts: list = field(default_factory=list)
+    comments: str = ""
 
 
 def process_images(p):
@@ -611,7 +616,10 @@ def process_images(p):
         x = torch.clamp((x + 1.0) / 2.0, 0.0, 1.0)
         p.scripts.postprocess_batch(p, x, batch_number=n)
         images.extend(x)
-    processed = Processed(images, p.extra_generation_params)
+    from PIL import Image
+    pil = [Image.fromarray((255.0 * x.permute(1, 2, 0)).round().to(torch.uint8).numpy()) for x in images]
+    infotext = ", ".join(f"{k}: {v}" for k, v in p.extra_generation_params.items())
+    processed = Processed(pil, p.extra_generation_params, samples=images, infotexts=[infotext] * len(pil))
     p.scripts.postprocess(p, processed)
     return processed
 

@@ -115,7 +115,7 @@ def test_off_is_bit_identical_and_writes_nothing(host):
     sd = fw.make_model(host[0].family)
     p0, ref = run(host, None, model=sd, enable_hr=True, steps=3)
     p1, off = run(host, [{"enabled": False}], model=sd, enable_hr=True, steps=3)
-    assert torch.equal(torch.stack(off.images), torch.stack(ref.images))
+    assert torch.equal(torch.stack(off.samples), torch.stack(ref.samples))
     assert INFOTEXT_KEY not in p1.extra_generation_params
     assert not CountingStabilizer.instances or not CountingStabilizer.instances[-1].applied
     assert all(f.__name__ != "qsilk_post_cfg"
@@ -134,7 +134,7 @@ def test_flux_like_model_runs_with_lite_and_says_so(host):
     stab = CountingStabilizer.instances[-1]
     assert len(stab.applied) == 3 and not any(m for _, _, m in stab.applied)
     assert "Lite" in p.extra_generation_params["QSilk note"]
-    assert torch.isfinite(torch.stack(out.images)).all()
+    assert torch.isfinite(torch.stack(out.samples)).all()
 
 
 @pytest.mark.parametrize("host", [FORGE_NEW, REFORGE], indirect=True)
@@ -176,3 +176,11 @@ def test_refiner_switch_reinstalls_on_the_refiner(host):
         net = sd.forge_objects_original.unet.model.diffusion_model
         assert all(not m._forward_hooks for m in net.modules())
     assert h.env.callbacks.cfg_denoiser == []
+
+
+@pytest.mark.parametrize("host", [FORGE_NEW], indirect=True)
+def test_show_maps_adds_gallery_images_and_notes_reach_the_comments(host):
+    p, out = run(host, [{"preset": "Balanced", "show_maps": True}], kind="flux", steps=2)
+    assert len(out.images) == 1 + 2  # the image, then the confidence and activity maps
+    assert out.infotexts[1].startswith("QSilk map:")
+    assert "QSilk: no UNet self-attention" in out.comments

@@ -120,7 +120,7 @@ def run_job(family=FORGE_NEW, kind="sd15", settings=None, before=(), after=(), i
 
 
 def images(processed):
-    return torch.stack(processed.images)
+    return torch.stack(processed.samples)
 
 
 def our_functions(options):
