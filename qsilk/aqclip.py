@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 from statistics import NormalDist
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from . import confidence as cf
-from .limiter import check_shape_alpha, limit_change
+from .limiter import check_shape_alpha
+from .tiles import TileGrid, coverage_2d, overlap_add_changes, spread_tiles, tile_grid, tile_stats
 
 VARIANTS = ("qsilk", "paper")
 DEFAULT_SHAPE = {"qsilk": "soft", "paper": "tanh"}
@@ -45,63 +44,6 @@ class AQClipState:
         self.has_attn = False
 
 
-class TileGrid(NamedTuple):
-    """Tile geometry of spec §3.1 for one latent size."""
-    tile: int    # T_eff = min(T, H, W)
-    stride: int  # S_eff = max(1, min(S, ⌈T_eff/2⌉))
-    pad_h: int   # reflect padding at the bottom so that (H_pad − T_eff) % S_eff = 0
-    pad_w: int
-    n_h: int     # tiles per column / row
-    n_w: int
-
-
-def tile_grid(h: int, w: int, tile: int, stride: int) -> TileGrid:
-    """Tile geometry (spec §3.1): every pixel covered, by ≥ 2 tiles per axis where the side allows.
-
-    >>> tile_grid(104, 152, 32, 16)
-    TileGrid(tile=32, stride=16, pad_h=8, pad_w=8, n_h=6, n_w=9)
-    """
-    t = min(tile, h, w)
-    s = max(1, min(stride, -(-t // 2)))
-    pad_h, pad_w = -(h - t) % s, -(w - t) % s
-    return TileGrid(t, s, pad_h, pad_w, (h + pad_h - t) // s + 1, (w + pad_w - t) // s + 1)
-
-
-def tile_stats(xp: torch.Tensor, grid: TileGrid, pooled: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tile mean and population std (spec §3.2), per channel or pooled over channels.
-
-    Math: blocks of ``g×g`` (``g = gcd(T, S)``) give moments around a block pixel (no
-    cancellation); tiles average ``(T/g)²`` blocks in float64: ``μ = E[x]``,
-    ``σ² = E[(x − r)²] − (E[x] − r)²`` per block, combined as ``E[σ_b² + μ_b²] − μ²``. A tile whose
-    values are all equal gets exactly ``σ = 0`` and ``μ =`` that value.
-    Args: xp: padded ``(B, C, H_pad, W_pad)`` float32, contiguous.
-    Returns: ``(μ, σ)``, float64, ``(B, C|1, n_h, n_w)``.
-    """
-    b, c, hp, wp = xp.shape
-    g = math.gcd(grid.tile, grid.stride)
-    if g > 1:
-        r = xp[:, :, ::g, ::g]
-        d = xp.view(b, c, hp // g, g, wp // g, g) - r[:, :, :, None, :, None]
-        s1 = d.sum((3, 5), dtype=torch.float64) / (g * g)
-        s2 = d.square_().sum((3, 5), dtype=torch.float64) / (g * g)
-        m = r.double() + s1
-        ex2 = (s2 - s1 * s1).clamp_min_(0) + m * m
-    else:
-        m = xp.double()
-        s2, ex2 = None, m * m
-    k, q = grid.tile // g, grid.stride // g
-    mu, ex2 = F.avg_pool2d(m, k, q), F.avg_pool2d(ex2, k, q)
-    mmax, mmin = F.max_pool2d(m, k, q), -F.max_pool2d(-m, k, q)
-    const = mmax == mmin
-    if s2 is not None:
-        const &= F.max_pool2d(s2, k, q) == 0
-    if pooled:
-        mu, ex2 = mu.mean(1, keepdim=True), ex2.mean(1, keepdim=True)
-        const = const.all(1, keepdim=True) & (mmax.amax(1, keepdim=True) == mmin.amin(1, keepdim=True))
-    var = (ex2 - mu * mu).clamp_min_(0)
-    return mu, torch.where(const, torch.zeros_like(var), var).sqrt_()
-
-
 def corridor_qsilk(mu, sigma, c, sigma_s, rho: float, p_wide: float, p_narrow: float):
     """Symmetric corridor widening with confidence (spec §3.4, `qsilk`).
 
@@ -130,61 +72,6 @@ def corridor_paper(mu, sigma, c):
     zl = torch.special.ndtri(0.5 * c * c).clamp(-PAPER_Z_MAX, PAPER_Z_MAX)
     zh = torch.special.ndtri(1.0 - 0.5 * (1.0 - c) ** 2).clamp(-PAPER_Z_MAX, PAPER_Z_MAX)
     return mu + zl * sigma, mu + zh * sigma
-
-
-@lru_cache(maxsize=64)
-def _window(t: int, triangular: bool) -> torch.Tensor:
-    """Tile window (spec §3.6): ``w(i) = 1 − |i − (T−1)/2|/(T/2)`` (> 0 everywhere), or 1."""
-    i = torch.arange(t, dtype=torch.float64)
-    return (1.0 - (i - (t - 1) / 2).abs() / (t / 2)).float() if triangular else torch.ones(t)
-
-
-@lru_cache(maxsize=64)
-def _coverage(n: int, t: int, s: int, triangular: bool) -> torch.Tensor:
-    """``Σ_tiles w(i − origin)`` along one padded axis (the 1-D factor of ``fold(w)``), float64."""
-    idx = (torch.arange(n)[:, None] * s + torch.arange(t)[None, :]).flatten()
-    return torch.zeros((n - 1) * s + t, dtype=torch.float64).index_add_(
-        0, idx, _window(t, triangular).double().repeat(n))
-
-
-def overlap_add_changes(xp, l, h, grid: TileGrid, shape: str, alpha: float, triangular: bool):
-    """``Σ_tiles w·(x − L_tile(x))`` on the padded latent, one tile phase at a time (spec §3.6).
-
-    The ⌈T/S⌉² phases each hold tiles that do not overlap, so each phase is one strided view of
-    `xp` limited at once: memory O(C·H·W). An unchanged value contributes exactly +0.
-    """
-    t, s = grid.tile, grid.stride
-    r = -(-t // s)
-    acc = torch.zeros_like(xp)
-    w = _window(t, triangular).to(xp.device)
-    w2 = (w[:, None, None] * w[None, None, :]) if triangular else None
-    sb, sc, sh, sw = xp.stride()
-    for pi in range(min(r, grid.n_h)):
-        for pj in range(min(r, grid.n_w)):
-            ni, nj = -(-(grid.n_h - pi) // r), -(-(grid.n_w - pj) // r)
-            size, strides = (*xp.shape[:2], ni, t, nj, t), (sb, sc, r * s * sh, sh, r * s * sw, sw)
-            off = pi * s * sh + pj * s * sw
-            xt = xp.as_strided(size, strides, xp.storage_offset() + off)
-            lt = l[:, :, pi::r, pj::r][:, :, :, None, :, None]
-            ht = h[:, :, pi::r, pj::r][:, :, :, None, :, None]
-            change = limit_change(xt, lt, ht, shape, alpha)
-            view = acc.as_strided(size, strides, off)
-            view.add_(change) if w2 is None else view.addcmul_(change, w2)
-    return acc
-
-
-def spread_tiles(v: torch.Tensor, grid: TileGrid, triangular: bool, hw: tuple[int, int]) -> torch.Tensor:
-    """A per-tile ``(B,1,n_h,n_w)`` value as each pixel sees it: ``fold(w·v)/fold(w)``, cropped."""
-    w = _window(grid.tile, triangular).to(v.device)
-    folded = F.conv_transpose2d(v.float(), (w[:, None] * w[None, :])[None, None], stride=grid.stride)
-    den = _den(grid, triangular, v.device)
-    return (folded / den)[..., : hw[0], : hw[1]]
-
-
-def _den(grid: TileGrid, triangular: bool, device) -> torch.Tensor:
-    ch = _coverage(grid.n_h, grid.tile, grid.stride, triangular)
-    cw = _coverage(grid.n_w, grid.tile, grid.stride, triangular)
-    return (ch[:, None] * cw[None, :]).float().to(device)
 
 
 def _ema(state: AQClipState, now, beta: float, finite: torch.Tensor):
@@ -284,7 +171,7 @@ def aqclip(x: torch.Tensor, confidence: torch.Tensor | None = None, *, tile: int
     l, hb, conf = _bounds(x32, s1, mu, sigma, confidence, variant, grid, state, finite,
                           sigma_floor, p_wide, p_narrow, ema_beta)
     acc = overlap_add_changes(xp, l, hb, grid, shape, alpha, triangular=variant == "qsilk")
-    factor = strength / _den(grid, variant == "qsilk", x.device)[:h, :w]
+    factor = strength / coverage_2d(grid, variant == "qsilk", x.device)[:h, :w]
     out = x32 - acc[..., :h, :w] * factor
     ok = finite.view(-1, 1, 1, 1)
     out = torch.where(ok, out.to(x.dtype), x)
