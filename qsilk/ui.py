@@ -1,0 +1,206 @@
+"""Gradio controls for QSilk, built from the parameter table (`qsilk.settings.PARAMS`).
+
+Works with Gradio 3.41 (AUTOMATIC1111, old Forge, reForge) and Gradio 4.x (new Forge): only
+components, arguments and events present in both are used (``Checkbox``, ``Slider``, ``Dropdown``,
+``Radio``, ``Accordion``, ``Row``, ``Markdown``; ``info=``; ``.input``/``.change``; no ``.style``,
+no ``_js``/``js``). ``gradio`` is passed in, never imported here, so importing this module costs
+nothing and the core stays free of UI dependencies.
+
+Layout: one accordion whose header checkbox is the on/off switch (the WebUI's ``InputAccordion``,
+passed in as `accordion`), then the preset, the two placement switches users ask about most
+("Hires pass", "Before decode"), and one closed sub-accordion per group. The returned components
+are in `PARAMS` order whatever the layout, because that order is the script's argument order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from .settings import PARAM_BY_NAME, PARAMS, PRESET_PARAMS, PRESETS, Param
+
+#: Sub-accordion titles by parameter group (group "main" and the two top-row switches sit above).
+GROUP_TITLES = {
+    "qsilk": "Micro-clamp",
+    "aqclip": "AQClip (adaptive tile corridor)",
+    "schedule": "Where it runs",
+    "probe": "Attention-entropy probe",
+    "quant": "Low-bit models (Q-Sched)",
+}
+#: Shown in the top row, next to the preset (not repeated in their group).
+TOP_ROW = ("preset", "hires", "pre_decode")
+
+EXPANDING_WARNING = (
+    "⚠ The `tanh` shape with α > 1 and the `paper` AQClip variant expand or shift the latent each "
+    "time they are applied; applied at every step this compounds. Use `per_pass` placement for "
+    "them, or the `hard`/`soft` shapes and the `qsilk` variant for everyday use."
+)
+
+
+@dataclass
+class Controls:
+    """What `build_controls` made. `components` is in `PARAMS` order (the script's args)."""
+
+    components: list[Any]
+    by_name: dict[str, Any]
+    preset_hint: Any
+    warning: Any
+
+    @property
+    def enabled(self) -> Any:
+        return self.by_name["enabled"]
+
+
+def preset_values(name: str) -> list[Any]:
+    """The preset's values in `PRESET_PARAMS` order (what the preset dropdown fills in)."""
+    preset = PRESETS[PARAM_BY_NAME["preset"].coerce(name)]
+    return [preset[k] for k in PRESET_PARAMS]
+
+
+def describe_preset(name: str) -> str:
+    """One line saying what a preset turns on, derived from its values."""
+    v = PRESETS[PARAM_BY_NAME["preset"].coerce(name)]
+    parts = []
+    if v["qsilk_enabled"]:
+        parts.append(f"micro-clamp {v['qsilk_shape']} {v['q_lo']:g}–{v['q_hi']:g} ({v['qsilk_placement']})")
+    if v["aqclip_enabled"]:
+        parts.append(f"AQClip {v['aqclip_variant']} variant, {v['aqclip_mode']} confidence, "
+                     f"tile {v['tile']}/{v['stride']} ({v['aqclip_placement']})")
+    if not parts:
+        return f"**{name}**: does nothing (no hook is installed)."
+    return f"**{name}**: " + "; ".join(parts) + "."
+
+
+def is_expanding(values: dict[str, Any]) -> bool:
+    """Whether the settings use a shape that expands or shifts the latent (spec §6 warning)."""
+    tanh_expands = any(values.get(f"{c}_shape") == "tanh" and float(values.get(f"{c}_alpha", 0)) > 1
+                       for c in ("qsilk", "aqclip"))
+    return tanh_expands or values.get("aqclip_variant") == "paper"
+
+
+def _component(gr: Any, param: Param, value: Any, elem_id: Callable[[str], str]) -> Any:
+    common = {"label": param.label, "info": param.help, "elem_id": elem_id(param.name)}
+    if param.kind == "bool":
+        return gr.Checkbox(value=bool(value), **common)
+    if param.kind in ("int", "float"):
+        cast = int if param.kind == "int" else float
+        return gr.Slider(minimum=cast(param.minimum), maximum=cast(param.maximum), step=param.step,
+                         value=cast(value), **common)
+    if param.kind == "choice":
+        if len(param.choices) <= 3 and param.name != "preset":
+            return gr.Radio(choices=list(param.choices), value=value, **common)
+        return gr.Dropdown(choices=list(param.choices), value=value, **common)
+    return gr.Textbox(value=str(value), **common)
+
+
+def build_controls(gr: Any, *, enabled: bool, values: dict[str, Any],
+                   elem_id: Callable[[str], str] = lambda name: f"qsilk_{name}",
+                   accordion: Callable[..., Any] | None = None,
+                   quant_status: Callable[[], str] | None = None,
+                   coefficient_files: Callable[[], list[str]] | None = None) -> Controls:
+    """Create the controls inside the current Gradio Blocks context.
+
+    Args:
+        gr: the ``gradio`` module (3.41 or 4.x).
+        enabled: initial state of the on/off switch (settings page: "enabled by default").
+        values: initial value of every other parameter (e.g. `Settings.as_dict()` of the default
+            preset).
+        elem_id: maps a parameter name to an HTML id (the WebUI's ``Script.elem_id``).
+        accordion: the WebUI's ``InputAccordion`` (``accordion(value, label=…, elem_id=…)``, a
+            checkbox that is also an accordion context manager). Without it — outside a WebUI — a
+            plain accordion holding an "Enable QSilk" checkbox is built instead.
+        quant_status, coefficient_files: the host's low-bit line (`qsilk.quant.panel_status`) and
+            coefficient file names; with them the low-bit group shows the line, a file dropdown and
+            a refresh button.
+    Returns: `Controls`; ``components`` are in `PARAMS` order.
+    """
+    by_name: dict[str, Any] = {}
+    enabled_param = PARAM_BY_NAME["enabled"]
+    if accordion is not None:
+        outer = accordion(bool(enabled), label=enabled_param.label, elem_id=elem_id("enabled"))
+        by_name["enabled"] = outer
+    else:
+        outer = gr.Accordion(label=enabled_param.label, open=bool(enabled), elem_id=elem_id("accordion"))
+
+    with outer:
+        if accordion is None:
+            by_name["enabled"] = _component(gr, enabled_param, enabled, elem_id)
+        with gr.Row():
+            for name in TOP_ROW:
+                by_name[name] = _component(gr, PARAM_BY_NAME[name], values[name], elem_id)
+        preset_hint = gr.Markdown(describe_preset(values["preset"]), elem_id=elem_id("preset_hint"))
+        warning = gr.Markdown(EXPANDING_WARNING, visible=is_expanding(values), elem_id=elem_id("warning"))
+        for group, title in GROUP_TITLES.items():
+            params = [p for p in PARAMS if p.group == group and p.name not in TOP_ROW]
+            if not params:
+                continue
+            with gr.Accordion(label=title, open=False, elem_id=elem_id(f"group_{group}")):
+                for param in params:
+                    if param.name == "qsched_file" and coefficient_files is not None:
+                        by_name[param.name] = _file_dropdown(gr, param, values[param.name], elem_id, coefficient_files)
+                        continue
+                    by_name[param.name] = _component(gr, param, values[param.name], elem_id)
+                if group == "quant" and quant_status is not None:
+                    _quant_status(gr, quant_status, coefficient_files, by_name.get("qsched_file"), elem_id)
+        for param in PARAMS:
+            if param.name not in by_name:  # debug output and anything without a group title
+                by_name[param.name] = _component(gr, param, values[param.name], elem_id)
+
+    components = [by_name[p.name] for p in PARAMS]
+    _wire_events(gr, by_name, preset_hint, warning)
+    return Controls(components=components, by_name=by_name, preset_hint=preset_hint, warning=warning)
+
+
+def _wire_events(gr: Any, by_name: dict[str, Any], preset_hint: Any, warning: Any) -> None:
+    preset = by_name["preset"]
+    filled = [by_name[k] for k in PRESET_PARAMS]
+    # `.input` fires on user choice only: pasting infotext sets the preset AND every control, and
+    # a `.change` handler would then overwrite the pasted values with the preset's.
+    preset.input(fn=preset_values, inputs=[preset], outputs=filled, show_progress=False)
+    preset.change(fn=describe_preset, inputs=[preset], outputs=[preset_hint], show_progress=False)
+
+    watched_names = ("qsilk_shape", "qsilk_alpha", "aqclip_shape", "aqclip_alpha", "aqclip_variant")
+    watched = [by_name[n] for n in watched_names]
+
+    def warning_update(*vals: Any) -> Any:
+        return gr.update(visible=is_expanding(dict(zip(watched_names, vals))))
+
+    for component in watched:
+        component.change(fn=warning_update, inputs=watched, outputs=[warning], show_progress=False)
+
+
+def _file_dropdown(gr: Any, param: Param, value: Any, elem_id: Callable[[str], str],
+                   files: Callable[[], list[str]]) -> Any:
+    """Coefficient file chooser; a typed or pasted name that is not (yet) in the folder is kept."""
+    return gr.Dropdown(choices=[""] + list(files()), value=value, allow_custom_value=True,
+                       label=param.label, info=param.help, elem_id=elem_id(param.name))
+
+
+def _quant_status(gr: Any, status: Callable[[], str], files: Callable[[], list[str]] | None,
+                  file_box: Any, elem_id: Callable[[str], str]) -> None:
+    """Read-only low-bit line (detected storage, files found) with a refresh button."""
+    line = gr.Markdown(status(), elem_id=elem_id("quant_status"))
+    refresh = gr.Button(QUANT_REFRESH, elem_id=elem_id("quant_refresh"))
+
+    if files is None or file_box is None:
+        refresh.click(fn=status, inputs=[], outputs=[line], show_progress=False)
+        return
+    refresh.click(fn=lambda: (status(), gr.update(choices=[""] + list(files()))), inputs=[],
+                  outputs=[line, file_box], show_progress=False)
+
+
+QUANT_REFRESH = "Refresh model storage and coefficient files"
+
+
+def labels() -> list[str]:
+    """Every user-visible English string of the controls (for ``localizations/*.json``)."""
+    strings: list[str] = []
+    for p in PARAMS:
+        strings += [p.label, p.help]
+    strings += list(GROUP_TITLES.values()) + ["Enable QSilk", EXPANDING_WARNING, QUANT_REFRESH]
+    strings += [describe_preset(name) for name in PRESETS]
+    return list(dict.fromkeys(strings))
+
+
+def control_names() -> Sequence[str]:
+    """Parameter names in argument order (for the API documentation)."""
+    return [p.name for p in PARAMS]

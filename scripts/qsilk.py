@@ -1,0 +1,131 @@
+"""QSilk for AUTOMATIC1111 stable-diffusion-webui (v1.6–v1.10) and Forge: the always-on script.
+
+The WebUI executes this file with the extension's root directory on ``sys.path`` and under the
+module name ``qsilk.py`` — a name it never puts in ``sys.modules`` — so ``import qsilk`` below
+finds the package beside ``scripts/`` and cannot be confused with this file. Imports happen here,
+at top level, because the extension root is on ``sys.path`` only while this file executes.
+
+This file is thin: the controls come from ``qsilk.ui``, argument parsing, infotext, XYZ axes and
+the settings page from ``qsilk.hosts.common``, and the per-job work from the host adapter that
+``qsilk.hosts.load_adapter()`` picks (``qsilk/hosts/a1111.py`` on AUTOMATIC1111).
+"""
+from __future__ import annotations
+
+import logging
+
+import gradio as gr
+
+from modules import script_callbacks, scripts, shared
+
+from qsilk import ui as qsilk_ui
+from qsilk.hosts import common, load_adapter
+from qsilk.settings import Settings, SettingsError
+
+try:  # v1.6+ (A1111) and every Forge; a plain accordion with a checkbox otherwise
+    from modules.ui_components import InputAccordion as _InputAccordion
+except ImportError:  # pragma: no cover - only on WebUIs older than supported
+    _InputAccordion = None
+
+log = logging.getLogger("qsilk")
+adapter = load_adapter()
+
+
+class QSilkScript(scripts.Script):
+    """Always visible in txt2img and img2img; the accordion's header checkbox is the on/off switch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ui_default_preset: str | None = None
+
+    def title(self) -> str:
+        return "QSilk"
+
+    def show(self, is_img2img: bool):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img: bool):
+        # Re-entrant: the API calls ui() twice more (inside a throwaway Blocks) to read defaults.
+        enabled, preset = common.ui_defaults(shared.opts)
+        self.ui_default_preset = preset
+        controls = qsilk_ui.build_controls(
+            gr, enabled=enabled, values=Settings.from_preset(preset).as_dict(),
+            elem_id=self.elem_id, accordion=_InputAccordion, **_quant_ui())
+        self.infotext_fields = common.infotext_fields(controls.components)
+        self.paste_field_names = common.paste_field_names()
+        return controls.components
+
+    # -- processing hooks -----------------------------------------------------------------
+    def process(self, p, *args):
+        stale = common.pop_job(p)  # a p reused after a job that raised (postprocess never ran)
+        if stale is not None:
+            adapter.end_job(p, stale)
+        common.restore_sample(p)
+        preset_default = self.ui_default_preset or common.ui_defaults(shared.opts)[1]
+        try:
+            settings = common.settings_from_script_args(args, preset_default)
+            settings = common.apply_overrides(settings, common.overrides_of(p))
+        except SettingsError as error:
+            # Raising here would be swallowed by the WebUI (HTTP 200, image without QSilk).
+            common.clear_infotext(p)
+            common.fail_job(p, error)
+            return
+        job = adapter.start_job(p, settings) if settings.enabled else None
+        if job is None:
+            common.clear_infotext(p)  # off means off: nothing installed, nothing written
+            return
+        common.set_job(p, job)
+        common.write_infotext(p, settings)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        job = common.job_of(p)
+        if job is not None:
+            adapter.before_every_sampling(p, job, **kwargs)
+
+    def before_hr(self, p, *args):
+        job = common.job_of(p)
+        if job is not None:
+            adapter.before_hr(p, job)
+
+    def postprocess(self, p, processed, *args):
+        job = common.pop_job(p)
+        if job is not None:
+            adapter.end_job(p, job, processed)
+
+
+def _quant_ui() -> dict:
+    """The low-bit line and the coefficient files of ``<models>/QSilk`` for the panel (`qsilk.quant`).
+
+    Reads ``sd_models.model_data.sd_model`` rather than ``shared.sd_model``, which on A1111 would
+    load a checkpoint just to build the UI; Forge loads models on the first generation, so the
+    panel has a refresh button.
+    """
+    import sys
+
+    from qsilk import quant
+
+    models_dir = getattr(sys.modules.get("modules.paths"), "models_path", None)
+
+    def status() -> str:
+        model = getattr(getattr(sys.modules.get("modules.sd_models"), "model_data", None), "sd_model", None)
+        return quant.panel_status(model, shared.opts, models_dir)
+
+    return {"quant_status": status,
+            "coefficient_files": lambda: quant.list_files(quant.folder(models_dir)) if models_dir else []}
+
+
+def _on_ui_settings() -> None:
+    common.register_settings_options(shared, gr)
+
+
+def _add_xyz_axes() -> None:
+    common.add_xyz_axes(scripts.scripts_data)
+
+
+script_callbacks.on_ui_settings(_on_ui_settings)
+# XYZ's own script file loads before extensions', so its axes can usually be extended right away;
+# that also covers --nowebui, where the UI is built before on_before_ui callbacks run.
+if common.find_xyz_module(scripts.scripts_data) is not None:
+    _add_xyz_axes()
+script_callbacks.on_before_ui(_add_xyz_axes)
+if hasattr(adapter, "cleanup_all"):
+    script_callbacks.on_script_unloaded(adapter.cleanup_all)
