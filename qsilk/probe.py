@@ -373,9 +373,13 @@ class EntropyProbe:
         if pend is None or which in pend:
             pend = self._pending = self._start_call(out)
             if pend is None:
+                # an ignored call: skip its other projection too, so the selector sees each call once
+                self._pending = {which: None, "ignored": True}
                 return
         else:
             self._pending = None
+            if pend.get("ignored"):
+                return
             if out.shape[:2] != pend["shape"]:
                 self._fail(f"N_q ≠ N_k ({pend['shape'][1]} vs {out.shape[1]}): not plain self-attention")
                 return
