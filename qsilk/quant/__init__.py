@@ -89,7 +89,11 @@ def model_info(sd_model: Any, *, models_dir: str | None = None, opts: Any = None
 
 def panel_status(sd_model: Any, opts: Any = None, models_dir: str | None = None) -> str:
     """The QSilk panel's read-only low-bit line: detected storage and the coefficient files found."""
-    line = describe_storage(sd_model, opts)
+    storage = detect_storage(sd_model, opts)
+    line = storage.describe()
+    chosen = getattr(opts, "forge_unet_storage_dtype", None)  # Forge "Diffusion in Low Bits"
+    if storage.mode == "unknown" and chosen:
+        line += f" 'Diffusion in Low Bits' is set to {chosen}."
     if models_dir:
         d = folder(models_dir)
         names = list_files(d)
