@@ -69,10 +69,10 @@ class QSilkScript(scripts.Script):
             common.clear_infotext(p)
             common.fail_job(p, error)
             return
+        common.clear_infotext(p)  # a key written for an earlier XYZ cell must not label this one
         job = adapter.start_job(p, settings) if settings.enabled else None
         if job is None:
-            common.clear_infotext(p)  # off means off: nothing installed, nothing written
-            return
+            return  # off means off: nothing installed; only a note the adapter wrote (an unusable Q-Sched file)
         common.set_job(p, job)
         common.write_infotext(p, settings)
 
