@@ -387,10 +387,11 @@ def _fmt(x: float | None) -> str:
 
 
 def _delta(base: float | None, x: float | None) -> str:
+    """Relative change in %, or the absolute change when the base is ~0 (a % of ~0 means nothing)."""
     if base is None or x is None:
         return "–"
-    if base == 0:
-        return "0 %" if x == 0 else "n/a"
+    if abs(base) < 1e-4 * max(abs(x), 1.0) and abs(base) < 1e-4:
+        return "0" if x == base else f"{x - base:+.2e} abs"
     return f"{100 * (x - base) / abs(base):+.1f} %"
 
 

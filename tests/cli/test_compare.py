@@ -114,10 +114,10 @@ def test_bench_dispatches_to_the_benchmark_script_with_its_arguments(tmp_path, m
     assert json.loads((tmp_path / "argv.json").read_text()) == ["--quick", "--reps", "1"]
 
 
-def test_bench_command_points_at_the_real_benchmark():
-    command = next(c for c in cli.COMMANDS if c.name == "bench")
+@pytest.mark.parametrize("command", cli.COMMANDS, ids=lambda c: c.name)
+def test_every_registered_command_loads_and_has_an_entry(command):
     module = cli.load_command(command)
-    assert callable(module.run)
+    assert callable(cli._run_function(module)) or (callable(module.add_arguments) and callable(module.run))
 
 
 def test_bench_outside_a_checkout_is_a_clear_error(tmp_path, monkeypatch, capsys):
@@ -150,6 +150,19 @@ def test_png_encoder_round_trips_through_pillow():
     with Image.open(buf) as img:
         assert img.size == (17, 13)
         assert torch.equal(torch.tensor(list(img.getdata()), dtype=torch.uint8).view(13, 17, 3), rgb)
+
+
+def test_png_filters_are_chosen_per_row_and_decode_exactly():
+    # rows built to favour different filters: constant rows (Up), ramps (Sub), smooth 2-D fields (Paeth/Average)
+    y, x = torch.meshgrid(torch.arange(24), torch.arange(30), indexing="ij")
+    ramp = (x * 7 % 256).to(torch.uint8)
+    smooth = ((x * x + 3 * y * y) // 5 % 256).to(torch.uint8)
+    img = torch.stack([ramp, smooth, (ramp // 2 + smooth // 2)], dim=-1)
+    img[10:14] = img[9]  # repeated rows
+    filters = set(render._filter_rows(img.reshape(24, 90))[:, 0].tolist())
+    assert len(filters) >= 3 and filters <= {0, 1, 2, 3, 4}
+    with Image.open(io.BytesIO(render.encode_png(img))) as decoded:
+        assert torch.equal(torch.tensor(list(decoded.getdata()), dtype=torch.uint8).view(24, 30, 3), img)
 
 
 def test_text_is_drawn_inside_the_canvas_only():
