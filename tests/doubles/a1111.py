@@ -1431,30 +1431,11 @@ class WebUI:
 
 
 def _input_accordion_class():
-    """modules.ui_components.InputAccordion (v1.6+): a hidden checkbox that is also an accordion
-    context manager; the accordion is open when the value is True."""
+    """modules.ui_components.InputAccordion (see `a1111_ui`), or None without Gradio."""
     try:
-        import gradio as gr
+        from .a1111_ui import InputAccordion
     except ImportError:  # pragma: no cover
         return None
-
-    class InputAccordion(gr.Checkbox):
-        global_index = 0
-
-        def __init__(self, value, **kwargs):
-            self.accordion_id = kwargs.get("elem_id") or f"input-accordion-{InputAccordion.global_index}"
-            InputAccordion.global_index += 1
-            super().__init__(value, **{**kwargs, "elem_id": f"{self.accordion_id}-checkbox", "visible": False})
-            acc_kwargs = {k: v for k, v in kwargs.items() if k in ("label",)}
-            self.accordion = gr.Accordion(open=value, elem_id=self.accordion_id, **acc_kwargs)
-
-        def __enter__(self):
-            self.accordion.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            self.accordion.__exit__(*exc)
-
     return InputAccordion
 
 
