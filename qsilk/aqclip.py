@@ -1,5 +1,6 @@
-"""AQClip: adaptive quantile clip per tile (spec §3) — geometry, tile statistics, corridor, EMA
-and the overlap-add of the limiter's changes. Confidence maps come from `confidence`.
+"""AQClip: adaptive quantile clip per tile (spec §3) — the corridor (§3.4), the EMA state (§3.5)
+and the entry point. Tiling lives in `tiles`, confidence maps in `confidence`, the limiter in
+`limiter`.
 """
 from __future__ import annotations
 
@@ -163,8 +164,8 @@ def aqclip(x: torch.Tensor, confidence: torch.Tensor | None = None, *, tile: int
     b, c, h, w = x.shape
     grid = tile_grid(h, w, tile, stride)
     x32 = x.float()
-    s1 = x32.sum((2, 3), dtype=torch.float64)
-    finite = s1.isfinite().all(1)  # float64 sums cannot overflow: non-finite iff a NaN/±Inf
+    s1 = x32.sum((2, 3)).double()
+    finite = s1.isfinite().all(1)  # NaN/±Inf (a float32 sum overflowing, |x| ~ 1e34, counts too)
     xp = F.pad(x32, (0, grid.pad_w, 0, grid.pad_h), mode="reflect") if grid.pad_h or grid.pad_w else x32
     xp = xp.contiguous()
     mu, sigma = tile_stats(xp, grid, pooled=variant == "paper")
@@ -183,35 +184,41 @@ def aqclip(x: torch.Tensor, confidence: torch.Tensor | None = None, *, tile: int
     return out, maps
 
 
-def _bounds(x32, s1, mu, sigma, confidence, variant, grid, state, finite, rho, p_wide, p_narrow, beta):
-    """``(l, h, c)`` on the tile grid, with the EMA of spec §3.5 (float32)."""
-    key = (variant, tuple(x32.shape), grid, str(x32.device))
-    if state is not None and state.key != key:
+def _start_evaluation(state: AQClipState | None, key: tuple, attn: bool) -> bool:
+    """Apply spec §3.5's bookkeeping before an evaluation; True = reuse the state, no update."""
+    if state is None:
+        return False
+    if state.key != key:  # never reuse an EMA across shapes
         state.shape_resets += state.key is not None
         state.restart(key)
-    elif state is not None and confidence is not None and not state.has_attn:
+    elif attn and not state.has_attn:
         state.restart(key)  # the first Attn map restarts the EMA: Lite and Attn maps differ in meaning
-    reuse = state is not None and state.has_attn and confidence is None
-    if reuse:
+    return state.has_attn and not attn
+
+
+def _bounds(x32, s1, mu, sigma, confidence, variant, grid, state, finite, rho, p_wide, p_narrow, beta):
+    """``(l, h, c)`` on the tile grid (float32, float32, float64) with the EMA of spec §3.5."""
+    ok = finite.view(-1, 1, 1, 1)
+    reuse = _start_evaluation(state, (variant, tuple(x32.shape), grid, str(x32.device)), confidence is not None)
+    if reuse:  # samples the state never saw finite get the widest (qsilk) / confident (paper) corridor
         seen = state.seen.view(-1, 1, 1, 1)
         c = torch.where(seen, state.last_confidence, torch.ones_like(state.last_confidence))
     else:
-        c = torch.where(finite.view(-1, 1, 1, 1), _confidence(x32, confidence, variant, grid), 1.0)
+        c = torch.where(ok, _confidence(x32, confidence, variant, grid), 1.0)
     if variant == "paper":
-        l, h = corridor_paper(mu, sigma, c.double())
+        l, h = (v.float() for v in corridor_paper(mu, sigma, c))
         if reuse:
-            l, h = (torch.where(seen, v, n) for v, n in zip(state.value, (l.float(), h.float())))
+            l, h = (torch.where(seen, v, now) for v, now in zip(state.value, (l, h)))
         elif state is not None:
-            l, h = _ema(state, (l.float(), h.float()), beta, finite)
+            l, h = _ema(state, (l, h), beta, finite)
     else:
         if state is not None and not reuse:
             c = _ema(state, c, beta, finite)
         n = x32.shape[2] * x32.shape[3]
-        sigma_s = ((x32 * x32).sum((2, 3), dtype=torch.float64) / n - (s1 / n) ** 2).clamp_min(0).sqrt()
-        l, h = corridor_qsilk(mu, sigma, c.double(), sigma_s[:, :, None, None], rho, p_wide, p_narrow)
-    if state is not None:
+        sigma_s = ((x32 * x32).sum((2, 3)).double() / n - (s1 / n) ** 2).clamp_min(0).sqrt()
+        l, h = (v.float() for v in corridor_qsilk(mu, sigma, c, sigma_s[:, :, None, None], rho, p_wide, p_narrow))
+    if state is not None and not reuse:
         state.has_attn |= confidence is not None
-        if not reuse:
-            state.last_confidence = c if state.last_confidence is None else torch.where(
-                finite.view(-1, 1, 1, 1), c, state.last_confidence)
-    return l.float(), h.float(), c
+        last = state.last_confidence
+        state.last_confidence = c if last is None else torch.where(ok, c, last)
+    return l, h, c

@@ -97,13 +97,13 @@ def pool_to_tiles(m: torch.Tensor, pad_h: int, pad_w: int, tile: int, stride: in
     tensor([[[[ 2.5000,  4.5000],
               [10.5000, 12.5000]]]], dtype=torch.float64)
     """
-    m = m.double()
     if pad_h or pad_w:
         m = F.pad(m, (0, pad_w, 0, pad_h), mode="reflect")
     g = math.gcd(tile, stride)
-    if g > 1:
-        m = F.avg_pool2d(m, g)
-    return F.avg_pool2d(m, tile // g, stride // g)
+    if g > 1:  # block means: a float32 sum of g² values, then float64
+        b, k, hp, wp = m.shape
+        m = m.reshape(b, k, hp // g, g, wp // g, g).sum((3, 5)).double() / (g * g)
+    return F.avg_pool2d(m.double(), tile // g, stride // g)
 
 
 def _percentiles(a: torch.Tensor) -> torch.Tensor:

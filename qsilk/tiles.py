@@ -38,7 +38,7 @@ def tile_grid(h: int, w: int, tile: int, stride: int) -> TileGrid:
 def tile_stats(xp: torch.Tensor, grid: TileGrid, pooled: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Tile mean and population std (spec §3.2), per channel or pooled over channels.
 
-    Math: blocks of ``g×g`` (``g = gcd(T, S)``) give moments around a block pixel (no
+    Math: blocks of ``g×g`` (``g = gcd(T, S)``) give float32 moments around a block pixel (no
     cancellation); tiles average ``(T/g)²`` blocks in float64: ``μ = E[x]``,
     ``σ² = E[(x − r)²] − (E[x] − r)²`` per block, combined as ``E[σ_b² + μ_b²] − μ²``. A tile whose
     values are all equal gets exactly ``σ = 0`` and ``μ =`` that value.
@@ -50,8 +50,9 @@ def tile_stats(xp: torch.Tensor, grid: TileGrid, pooled: bool) -> tuple[torch.Te
     if g > 1:
         r = xp[:, :, ::g, ::g]
         d = xp.view(b, c, hp // g, g, wp // g, g) - r[:, :, :, None, :, None]
-        s1 = d.sum((3, 5), dtype=torch.float64) / (g * g)
-        s2 = d.square_().sum((3, 5), dtype=torch.float64) / (g * g)
+        # float32 block sums (a float64 `dtype=` would first copy the whole latent to float64)
+        s1 = d.sum((3, 5)).double() / (g * g)
+        s2 = d.mul_(d).sum((3, 5)).double() / (g * g)
         m = r.double() + s1
         ex2 = (s2 - s1 * s1).clamp_min_(0) + m * m
     else:

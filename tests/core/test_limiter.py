@@ -156,9 +156,12 @@ def test_limit_change_is_x_minus_limit_and_exactly_zero_where_kept(case, shape, 
     change = limit_change(x, l, h, shape, alpha)
     scale = x.double().abs() + l.double().abs() + h.double().abs() + 1
     assert ((change.double() - (x.double() - y.double())).abs() <= 8e-7 * scale).all()
-    kept = y == x
-    if shape != "tanh":
-        assert (change[kept] == 0).all()
+    m, d = (l.double() + h.double()) / 2, (h.double() - l.double()) / 2
+    if shape == "hard":
+        assert (change[(x >= l) & (x <= h)] == 0).all()
+    elif shape == "soft" and d > 1e-12 * (1 + abs(m)):
+        inside = ((x.double() - m) / d).abs() <= alpha / (1 + alpha) * (1 - 1e-6)  # clear of the knee
+        assert (change[inside] == 0).all()
 
 
 def test_limit_change_degenerate_corridor_is_x_minus_clamp():
