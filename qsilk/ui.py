@@ -127,8 +127,10 @@ def build_controls(gr: Any, *, enabled: bool, values: dict[str, Any],
         with gr.Row():
             for name in TOP_ROW:
                 by_name[name] = _component(gr, PARAM_BY_NAME[name], values[name], elem_id)
-        preset_hint = gr.Markdown(describe_preset(values["preset"]), elem_id=elem_id("preset_hint"))
-        warning = gr.Markdown(EXPANDING_WARNING, visible=is_expanding(values), elem_id=elem_id("warning"))
+        preset_hint = gr.Markdown(describe_preset(values["preset"]), elem_id=elem_id("preset_hint"),
+                                  elem_classes=["qsilk-hint"])
+        warning = gr.Markdown(EXPANDING_WARNING, visible=is_expanding(values), elem_id=elem_id("warning"),
+                              elem_classes=["qsilk-warning"])
         for group, title in GROUP_TITLES.items():
             params = [p for p in PARAMS if p.group == group and p.name not in TOP_ROW]
             if not params:
