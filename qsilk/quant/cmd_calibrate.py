@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..settings import Settings, SettingsError
 from . import calibrate as cal
+from . import search as srch
 from .coeffs import CoefficientFileError, resolve, save
 from .precondition import QSched
 from .scorers import Batch, ScorerUnavailable, get_scorer
@@ -71,7 +72,7 @@ def _paired(args, ctx, path: Path) -> dict:
     from ..demo.compare import parse_seeds
 
     jobs = ctx["jobs"]
-    progress = None if args.no_progress else cal.Progress(args.steps, "paired fit")
+    progress = None if args.no_progress else srch.Progress(args.steps, "paired fit")
     smooth = args.smooth if args.smooth is not None else (1 if args.steps >= 12 else 0)
     fit = cal.fit_paired(ctx["ref"], ctx["low"], jobs, ridge=args.ridge, smooth=smooth,
                          q_lo=args.q_lo, q_hi=args.q_hi, per_channel=args.per_channel, progress=progress)
@@ -112,9 +113,9 @@ def _search(args, ctx, path: Path) -> dict:
 
     config = {"scorer": scorer.name, "points": args.points, "levels": args.levels, "half_width": args.half_width,
               "meta": {k: str(v) for k, v in ctx["meta"].items()}, "preset": args.preset or ""}
-    log = cal.SearchLog(args.log or path.with_suffix(".jsonl"), config)
-    progress = None if args.no_progress else cal.Progress(cal.search_budget(args.points, args.levels), "search")
-    result = cal.search(evaluate, half_width=args.half_width, points=args.points, levels=args.levels,
+    log = srch.SearchLog(args.log or path.with_suffix(".jsonl"), config)
+    progress = None if args.no_progress else srch.Progress(srch.search_budget(args.points, args.levels), "search")
+    result = srch.search(evaluate, half_width=args.half_width, points=args.points, levels=args.levels,
                         log=log, progress=progress)
     summary = {"method": "search", "scorer": scorer.name, "best": list(result.best), "best_score": result.best_score,
                "baseline_score": result.baseline_score, "gain": result.gain, "gain_se": result.gain_se,
@@ -122,7 +123,7 @@ def _search(args, ctx, path: Path) -> dict:
     if result.significant or (args.keep_best and result.best != (1.0, 1.0)):
         meta = {**ctx["meta"], "scorer": scorer.name, "grid": f"points={args.points} levels={args.levels} "
                 f"half_width={args.half_width:g}"}
-        save(path, cal.search_coefficients(result, ref.sigmas, meta))
+        save(path, srch.search_coefficients(result, ref.sigmas, meta))
         summary["file"] = str(path)
     else:
         summary["file"] = None

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from qsilk.quant import calibrate as cal
+from qsilk.quant import search as srch
 from qsilk.quant.precondition import QSched
 
 from conftest import eps_denoiser, fp8_storage, group4_storage
@@ -110,7 +111,7 @@ def _synthetic(optimum, calls=None, noise=0.0):
 
 def test_search_finds_planted_optimum_and_always_evaluates_identity():
     calls = []
-    res = cal.search(_synthetic((0.925, 1.05), calls), half_width=0.1, points=5, levels=3)
+    res = srch.search(_synthetic((0.925, 1.05), calls), half_width=0.1, points=5, levels=3)
     assert calls[0] == (1.0, 1.0)
     assert res.best == pytest.approx((0.925, 1.05), abs=1e-9)
     assert res.significant and res.gain > 0 and res.baseline_score < res.best_score
@@ -118,23 +119,23 @@ def test_search_finds_planted_optimum_and_always_evaluates_identity():
 
 def test_search_is_repeatable_and_resumes_from_its_log(tmp_path):
     log_path = tmp_path / "s.jsonl"
-    first = cal.search(_synthetic((1.03, 0.96)), levels=2, log=cal.SearchLog(log_path, {"k": 1}))
-    again = cal.search(_synthetic((1.03, 0.96)), levels=2)
+    first = srch.search(_synthetic((1.03, 0.96)), levels=2, log=srch.SearchLog(log_path, {"k": 1}))
+    again = srch.search(_synthetic((1.03, 0.96)), levels=2)
     assert (first.best, first.best_score, first.evaluated) == (again.best, again.best_score, again.evaluated)
     calls = []
-    resumed = cal.search(_synthetic((1.03, 0.96), calls), levels=2, log=cal.SearchLog(log_path, {"k": 1}))
+    resumed = srch.search(_synthetic((1.03, 0.96), calls), levels=2, log=srch.SearchLog(log_path, {"k": 1}))
     assert calls == [] and resumed.best == first.best
     lines = [json.loads(x) for x in log_path.read_text().splitlines()]
     assert lines[0]["type"] == "config" and lines[-1]["type"] == "result"
     assert sum(rec["type"] == "candidate" for rec in lines) == len(first.evaluated)
     with pytest.raises(ValueError, match="belongs to another calibration.*k"):
-        cal.SearchLog(log_path, {"k": 2})
+        srch.SearchLog(log_path, {"k": 2})
 
 
 def test_search_reports_no_gain_when_nothing_beats_identity():
-    res = cal.search(lambda c_x, c_f: [0.0, 0.1, 0.2], points=3, levels=1)
+    res = srch.search(lambda c_x, c_f: [0.0, 0.1, 0.2], points=3, levels=1)
     assert res.best == (1.0, 1.0) and not res.significant and res.gain == 0
-    noisy = cal.search(_synthetic((1.0, 1.0), noise=1.0), points=3, levels=1)
+    noisy = srch.search(_synthetic((1.0, 1.0), noise=1.0), points=3, levels=1)
     assert noisy.best == (1.0, 1.0) or not noisy.significant
 
 
@@ -148,7 +149,7 @@ def test_search_on_a_real_sampler_uses_common_random_numbers(tiny_net):
 
 
 def test_ramp_knots_reproduce_the_ramp_at_the_calibration_sigmas():
-    cs = cal.ramp_knots(0.9, 1.1, SIGMAS)
+    cs = srch.ramp_knots(0.9, 1.1, SIGMAS)
     n = len(SIGMAS) - 1
     expected = [0.9 + 0.1 * i / (n - 1) for i in range(n)]
     assert cs.c_x.flip(0).tolist() == pytest.approx(expected)
@@ -158,7 +159,7 @@ def test_ramp_knots_reproduce_the_ramp_at_the_calibration_sigmas():
 def test_progress_bar_reaches_total(capsys):
     import io
     buf = io.StringIO()
-    p = cal.Progress(4, "x", stream=buf)
+    p = srch.Progress(4, "x", stream=buf)
     for _ in range(5):
         p.advance()
     assert "4/4" in buf.getvalue()
