@@ -4,7 +4,8 @@
 - `coeffs`: the coefficient file (small safetensors), its validation and the ``<models>/QSilk`` folder.
 - `thresholds`: per-σ micro-clamp targets from the same file.
 - `lowbit`: storage detection on both hosts (duck-typed) and weight-storage simulation.
-- `scorers`, `calibrate`: reference-free search and the paired least-squares fit.
+- `search`, `scorers`: the reference-free search and its scorers; `calibrate`: sampling runs and the
+  paired least-squares fit; `targets`, `cmd_*`: the `calibrate` and `diagnose` commands.
 - `diagnose`: per-step latent statistics, 16-bit vs low-bit, CSV and PNG.
 
 Hosts call `make_preconditioner` once per job and pass the result to the Stabilizer::
