@@ -28,7 +28,7 @@ if not HAVE_MODELS:
                     "(or set QSILK_SKIP_MODEL_TESTS=1 to skip them explicitly)")
 else:
     sys.path.insert(0, os.path.dirname(__file__))
-    from tiny_checkpoint import build_single_file  # noqa: E402
+    from tiny_checkpoint import build_sdxl_folder, build_single_file  # noqa: E402
 
     @pytest.fixture(scope="module")
     def tiny(tmp_path_factory):
@@ -82,6 +82,18 @@ else:
         assert bal["report"]["probe"] == {"maps": 2, "failures": {}}  # one map per evaluation, both seeds in it
         assert off["per_seed"]["latent_max_abs_z"] != bal["per_seed"]["latent_max_abs_z"]
         assert (out / "grid.png").is_file() and (out / "maps.png").is_file()
+
+    def test_compare_on_a_tiny_sdxl_folder_uses_both_text_encoders_and_the_probe(tmp_path):
+        """SDXL conditioning (two encoders, pooled text + size/crop time ids) through a diffusers folder."""
+        folder = build_sdxl_folder(tmp_path)
+        out = tmp_path / "out"
+        code = cli.main(["compare", "--model", str(folder), "--size", "32x32", "--steps", "2", "--seeds", "1,2",
+                         "--prompt", "a dog", "--out", str(out), "--no-progress"])
+        assert code == 0
+        table = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        assert "sdxl" in table["config"]["model"]
+        rep = table["variants"][1]["report"]
+        assert rep["attn_maps"] == 2 and rep["probe"] == {"maps": 2, "failures": {}}
 
     def test_probe_does_not_change_the_model_output(loaded):
         """AQClip off + probe attached ⇒ the UNet output is bit-identical (spec §5)."""

@@ -177,3 +177,37 @@ def build_single_file(folder: Path, seed: int = 0) -> tuple[Path, Path, dict]:
     path = folder / "tiny-sd15.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path, config, parts
+
+
+def build_sdxl_folder(folder: Path, seed: int = 0) -> Path:
+    """A tiny random SDXL pipeline saved as a diffusers folder (two CLIP text encoders, text-time
+    micro-conditioning, attention at the ½-resolution level like SDXL's)."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32,
+        norm_num_groups=32)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=32, sample_size=16)
+    text_cfg = dict(vocab_size=len(VOCAB_CHARS) * 2 + 3, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=77, projection_dim=32, bos_token_id=0,
+                    eos_token_id=1, pad_token_id=1)
+    text = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg))
+    write_tokenizer(folder / "tok")
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tok"))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, prediction_type="epsilon", steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    out = folder / "tiny-sdxl"
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return out
