@@ -12,4 +12,5 @@ PY=${PYTHON:-python3}
 .venv-g4/bin/python -c "import gradio, sys; sys.exit(gradio.__version__ != '4.40.0')" 2>/dev/null \
   || .venv-g4/bin/python -m pip install -q "gradio==4.40.0" "huggingface_hub<1"
 .venv-g4/bin/python -m pip install -q -e ".[test]"
-QSILK_EXPECT_GRADIO=4 .venv-g4/bin/python -m pytest -q -p no:cacheprovider tests/hosts/test_ui.py
+QSILK_EXPECT_GRADIO=4 .venv-g4/bin/python -m pytest -q -p no:cacheprovider tests/hosts/test_ui.py \
+  "tests/hosts/test_forge_job.py::test_ui_builds_with_the_familys_input_accordion"

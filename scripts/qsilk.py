@@ -33,6 +33,10 @@ adapter = load_adapter()
 class QSilkScript(scripts.Script):
     """Always visible in txt2img and img2img; the accordion's header checkbox is the on/off switch."""
 
+    # Forge only (A1111 ignores it): always-on accordions are sorted by this, larger = lower. Put
+    # QSilk with Forge's built-in latent tools, right after Latent Modifier (15), its closest kin.
+    sorting_priority = 15.5
+
     def __init__(self) -> None:
         super().__init__()
         self.ui_default_preset: str | None = None
