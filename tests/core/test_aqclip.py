@@ -121,9 +121,8 @@ def test_every_pixel_is_covered_for_every_size_in_1_to_80():
                     assert len(origins) >= 2 or side == t  # ≥ 2 tiles per axis where the side allows
 
 
-@pytest.mark.parametrize("tile,stride", ODD_PAIRS)
-@pytest.mark.parametrize("variant", ["qsilk", "paper"])
-def test_aqclip_no_pixel_zeroed_or_left_untouched_by_tiling(tile, stride, variant):
+@pytest.mark.parametrize("variant,tile,stride", [("qsilk", t, s) for t, s in ODD_PAIRS] + [("paper", 32, 16), ("paper", 7, 3)])
+def test_aqclip_no_pixel_zeroed_or_left_untouched_by_tiling(variant, tile, stride):
     # A 5±1 checkerboard: the qsilk corridor μ ± 0.13σ (hard) and the paper's tanh both move every
     # value of every tile, so a pixel that no tile covered would come back unchanged (or zeroed).
     shape = "hard" if variant == "qsilk" else "tanh"
@@ -136,9 +135,9 @@ def test_aqclip_no_pixel_zeroed_or_left_untouched_by_tiling(tile, stride, varian
 
 
 # -- equality with direct implementations ----------------------------------------------------
-@given(latents(max_side=36), tiles, st.sampled_from(["hard", "soft", "tanh"]), st.floats(0.0, 2.0),
+@given(latents(max_side=28), tiles, st.sampled_from(["hard", "soft", "tanh"]), st.floats(0.0, 2.0),
        st.booleans())
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 def test_qsilk_variant_equals_direct_per_tile_implementation(x, ts, shape, rho, with_map):
     conf = torch.rand(x.shape[0], 1, *x.shape[2:], generator=torch.Generator().manual_seed(1)) if with_map else None
     y = aqclip(x, conf, tile=ts[0], stride=ts[1], shape=shape, sigma_floor=rho)
@@ -171,7 +170,7 @@ def test_paper_variant_equals_literal_algorithm_1(size, tile, stride, c):
 
 # -- identities of spec §0 --------------------------------------------------------------------
 @given(latents(dtypes=DTYPES), tiles, st.sampled_from(["qsilk", "paper"]), st.sampled_from(["hard", "soft", "tanh"]))
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 def test_aqclip_strength_zero_is_bit_identical(x, ts, variant, shape):
     y = aqclip(x, tile=ts[0], stride=ts[1], variant=variant, shape=shape, strength=0.0)
     bits = torch.int16 if x.element_size() == 2 else torch.int32
@@ -201,7 +200,7 @@ def test_aqclip_constant_tiles_are_unchanged(variant, shape, rho):
 
 
 @given(latents(max_side=30), tiles, st.sampled_from(["qsilk", "paper"]), st.sampled_from(["hard", "soft", "tanh"]))
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=25, deadline=None)
 def test_aqclip_is_per_sample(x, ts, variant, shape):
     conf = torch.rand(x.shape[0], 1, 7, 5, generator=torch.Generator().manual_seed(2))
     for cmap in (None, conf):
