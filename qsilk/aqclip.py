@@ -172,7 +172,7 @@ def aqclip(x: torch.Tensor, confidence: torch.Tensor | None = None, *, tile: int
     l, hb, conf = _bounds(x32, s1, mu, sigma, confidence, variant, grid, state, finite,
                           sigma_floor, p_wide, p_narrow, ema_beta)
     acc = overlap_add_changes(xp, l, hb, grid, shape, alpha, triangular=variant == "qsilk")
-    factor = strength / coverage_2d(grid, variant == "qsilk", x.device)[:h, :w]
+    factor = strength / coverage_2d(grid, variant == "qsilk", str(x.device))[:h, :w]
     out = x32 - acc[..., :h, :w] * factor
     ok = finite.view(-1, 1, 1, 1)
     out = torch.where(ok, out.to(x.dtype), x)

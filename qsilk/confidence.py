@@ -6,6 +6,7 @@ All functions are pure, per sample, float32 (float64 where stated) and free of h
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -106,10 +107,14 @@ def pool_to_tiles(m: torch.Tensor, pad_h: int, pad_w: int, tile: int, stride: in
     return F.avg_pool2d(m.double(), tile // g, stride // g)
 
 
+@lru_cache(maxsize=8)
+def _levels(dtype: torch.dtype, device: str) -> torch.Tensor:
+    return torch.tensor(PERCENTILES, dtype=dtype).to(device)  # once per device: no per-call copy
+
+
 def _percentiles(a: torch.Tensor) -> torch.Tensor:
     """``(3, B, 1, 1, 1)``: p2, p50, p98 of each sample's values of a ``(B, 1, n_h, n_w)`` map."""
-    q = torch.tensor(PERCENTILES, dtype=a.dtype, device=a.device)
-    return torch.quantile(a.flatten(1), q, dim=1).view(3, -1, 1, 1, 1)
+    return torch.quantile(a.flatten(1), _levels(a.dtype, str(a.device)), dim=1).view(3, -1, 1, 1, 1)
 
 
 def normalise_qsilk(a: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:

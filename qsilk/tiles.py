@@ -72,10 +72,14 @@ def tile_stats(xp: torch.Tensor, grid: TileGrid, pooled: bool) -> tuple[torch.Te
 
 
 @lru_cache(maxsize=64)
-def window(t: int, triangular: bool) -> torch.Tensor:
-    """Tile window (spec §3.6): ``w(i) = 1 − |i − (T−1)/2|/(T/2)`` (> 0 everywhere), or 1."""
+def window(t: int, triangular: bool, device: str = "cpu") -> torch.Tensor:
+    """Tile window (spec §3.6): ``w(i) = 1 − |i − (T−1)/2|/(T/2)`` (> 0 everywhere), or 1.
+
+    Cached per device (read-only): a host→device copy per call would synchronise a GPU stream.
+    """
     i = torch.arange(t, dtype=torch.float64)
-    return (1.0 - (i - (t - 1) / 2).abs() / (t / 2)).float() if triangular else torch.ones(t)
+    w = (1.0 - (i - (t - 1) / 2).abs() / (t / 2)).float() if triangular else torch.ones(t)
+    return w.to(device)
 
 
 @lru_cache(maxsize=64)
@@ -95,7 +99,7 @@ def overlap_add_changes(xp, l, h, grid: TileGrid, shape: str, alpha: float, tria
     t, s = grid.tile, grid.stride
     r = -(-t // s)
     acc = torch.zeros_like(xp)
-    w = window(t, triangular).to(xp.device)
+    w = window(t, triangular, str(xp.device))
     w2 = (w[:, None, None] * w[None, None, :]) if triangular else None
     sb, sc, sh, sw = xp.stride()
     for pi in range(min(r, grid.n_h)):
@@ -114,14 +118,17 @@ def overlap_add_changes(xp, l, h, grid: TileGrid, shape: str, alpha: float, tria
 
 def spread_tiles(v: torch.Tensor, grid: TileGrid, triangular: bool, hw: tuple[int, int]) -> torch.Tensor:
     """A per-tile ``(B,1,n_h,n_w)`` value as each pixel sees it: ``fold(w·v)/fold(w)``, cropped."""
-    w = window(grid.tile, triangular).to(v.device)
+    w = window(grid.tile, triangular, str(v.device))
     folded = F.conv_transpose2d(v.float(), (w[:, None] * w[None, :])[None, None], stride=grid.stride)
-    den = coverage_2d(grid, triangular, v.device)
+    den = coverage_2d(grid, triangular, str(v.device))
     return (folded / den)[..., : hw[0], : hw[1]]
 
 
-def coverage_2d(grid: TileGrid, triangular: bool, device) -> torch.Tensor:
+@lru_cache(maxsize=32)
+def coverage_2d(grid: TileGrid, triangular: bool, device: str = "cpu") -> torch.Tensor:
     """``fold(w)`` on the padded latent, ``(H_pad, W_pad)`` float32: > 0 at every pixel.
+
+    Cached per grid and device (read-only), like `window`.
 
     >>> coverage_2d(tile_grid(4, 4, 2, 1), False, "cpu")[0]
     tensor([1., 2., 2., 1.])
