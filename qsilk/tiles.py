@@ -44,6 +44,11 @@ def tile_stats(xp: torch.Tensor, grid: TileGrid, pooled: bool) -> tuple[torch.Te
     values are all equal gets exactly ``σ = 0`` and ``μ =`` that value.
     Args: xp: padded ``(B, C, H_pad, W_pad)`` float32, contiguous.
     Returns: ``(μ, σ)``, float64, ``(B, C|1, n_h, n_w)``.
+
+    >>> x = torch.full((1, 1, 4, 4), 0.1); x[0, 0, 3, 3] = 2.0
+    >>> mu, sigma = tile_stats(x, tile_grid(4, 4, 2, 2), pooled=False)
+    >>> bool(mu[0, 0, 0, 0] == x[0, 0, 0, 0].double()), sigma[0, 0].round(decimals=4).tolist()
+    (True, [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.8227]])
     """
     b, c, hp, wp = xp.shape
     g = math.gcd(grid.tile, grid.stride)
