@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -83,11 +84,14 @@ def load_checkpoint(path: str | Path, *, config: str | None = None, arch: str = 
     cls = diffusers.StableDiffusionXLPipeline if arch == "sdxl" else diffusers.StableDiffusionPipeline
     extra = {} if arch == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
     try:
-        if path.is_dir():
-            pipe = cls.from_pretrained(str(path), torch_dtype=torch_dtype, local_files_only=True, **extra)
-        else:
-            kwargs = {"config": str(config), "local_files_only": True} if config else {}
-            pipe = cls.from_single_file(str(path), torch_dtype=torch_dtype, **kwargs, **extra)
+        with warnings.catch_warnings():
+            # newer diffusers renamed torch_dtype to dtype; the old name works in every version we support
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+            if path.is_dir():
+                pipe = cls.from_pretrained(str(path), torch_dtype=torch_dtype, local_files_only=True, **extra)
+            else:
+                kwargs = {"config": str(config), "local_files_only": True} if config else {}
+                pipe = cls.from_single_file(str(path), torch_dtype=torch_dtype, **kwargs, **extra)
     except (OSError, ValueError) as exc:
         hint = "" if config else " — offline, pass --config with a local diffusers config folder"
         raise CommandError(f"--model {path}: diffusers could not load it ({exc}){hint}") from exc
