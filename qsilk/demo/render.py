@@ -189,10 +189,13 @@ def layout(cells: list[list[torch.Tensor]], col_labels: list[str], row_labels: l
     height = top + rows * (line + ch + gap) + gap
     width = gap + cols * (cw + gap)
     canvas = torch.full((height, width, 3), 255, dtype=torch.uint8)
+    ts = _common_scale(title_lines, width - gap, scale)
     for k, text in enumerate(title_lines):
-        draw_text(canvas, _fit(text, width - gap, scale), 2 + k * line, gap, scale=scale)
+        draw_text(canvas, _fit(text, width - gap, ts), 2 + k * line + (scale - ts) * GLYPH_H // 2, gap, scale=ts)
+    ls = _common_scale(col_labels, cw, scale)
     for j, label in enumerate(col_labels):
-        draw_text(canvas, _fit(label, cw, scale), top - line + 2, gap + j * (cw + gap), scale=scale)
+        draw_text(canvas, _fit(label, cw, ls), top - line + 2 + (scale - ls) * GLYPH_H // 2,
+                  gap + j * (cw + gap), scale=ls)
     for i, row in enumerate(cells):
         y = top + i * (line + ch + gap)
         draw_text(canvas, row_labels[i], y + 2, gap, colour=(90, 90, 90), scale=scale)
@@ -200,6 +203,11 @@ def layout(cells: list[list[torch.Tensor]], col_labels: list[str], row_labels: l
             x = gap + j * (cw + gap)
             canvas[y + line:y + line + ch, x:x + cw] = to_uint8(cell)
     return canvas
+
+
+def _common_scale(texts: list[str], width: int, scale: int) -> int:
+    """`scale` if every text fits in `width`, else 1 (one size per block of labels)."""
+    return scale if all(text_size(t, scale)[0] <= width for t in texts) else 1
 
 
 def _fit(text: str, width: int, scale: int) -> str:
