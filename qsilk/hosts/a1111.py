@@ -30,6 +30,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -109,7 +110,7 @@ def c_skip_for(model_wrap: Any, sigma: torch.Tensor) -> Any:
 
 def is_timestep_denoiser(denoiser: Any) -> bool:
     """Whether the denoiser's after-CFG output is ε (DDIM, DDIM CFG++, PLMS, UniPC)."""
-    mod = importlib.import_module("sys").modules.get("modules.sd_samplers_timesteps")
+    mod = sys.modules.get("modules.sd_samplers_timesteps")
     cls = getattr(mod, "CFGDenoiserTimesteps", None)
     if cls is not None and isinstance(denoiser, cls):
         return True
@@ -143,6 +144,7 @@ class _Pass:
     evaluations: int = 0
     total: int | None = None
     timesteps_count: int | None = None
+    eps: bool | None = None  # ε after CFG (timestep samplers); decided at the first evaluation
 
 
 @dataclass
@@ -346,7 +348,9 @@ class Job:
         sigma = params.sigma[-batch:]
         alpha_bar = None
         c_skip = None
-        if is_timestep_denoiser(denoiser):
+        if ps.eps is None:
+            ps.eps = is_timestep_denoiser(denoiser)
+        if ps.eps:
             alphas = getattr(denoiser, "alphas", None)
             if alphas is None:
                 alphas = _module("modules.shared").sd_model.alphas_cumprod
