@@ -443,9 +443,12 @@ def test_sdxl_layout_probes_the_half_resolution_level_at_odd_sizes(webui):
     spy = only_spy()
     for call in spy.calls:
         assert call[3] is not None and call[3].shape == (1, 1, 7, 9)
-        # each token fills its 2×2 latent block (nearest), cropped at the odd edge
+        # each of the 4×5 tokens fills its 2×2 latent block (nearest), cropped at the odd edge
         m = call[3][0, 0]
-        assert torch.equal(m[0, 0], m[1, 1]) and torch.equal(m[6, 8], m[6, 8])
+        grid = m[::2, ::2]
+        assert grid.shape == (4, 5)
+        assert torch.equal(m, grid.repeat_interleave(2, 0).repeat_interleave(2, 1)[:7, :9])
+        assert not torch.equal(grid, grid.flatten()[0].expand_as(grid))  # a real map, not a constant
 
 
 def test_no_attention_layer_falls_back_to_lite_with_a_note(webui):
