@@ -116,6 +116,37 @@ def _tanh(x: torch.Tensor, l: torch.Tensor, h: torch.Tensor, alpha: float) -> to
     return torch.where(degenerate, torch.clamp(x, l, h), y)
 
 
+def change_params(l: torch.Tensor, h: torch.Tensor, shape: str, alpha: float) -> tuple[torch.Tensor, ...]:
+    """Per-corridor constants of `limit_change`, computed once for many values (float32).
+
+    hard: ``(l, h)``; tanh: ``(m, α/δ, −δ)``; soft: ``(m, kδ, 1/((1−k)δ), −(1−k)δ)``; a degenerate
+    corridor gets ``(m, 0, 0[, 0])``, which turns the formulas into ``x − m``.
+    """
+    check_shape_alpha(shape, alpha)
+    l, h = l.float(), h.float()
+    if shape == "hard":
+        return l, h
+    m, delta, degenerate = _half_width(l, h)
+    zero = torch.zeros_like(delta)
+    if shape == "tanh":
+        return m, torch.where(degenerate, zero, alpha / delta), torch.where(degenerate, zero, -delta)
+    k, k1 = alpha / (1.0 + alpha), 1.0 / (1.0 + alpha)
+    return (m, torch.where(degenerate, zero, k * delta), torch.where(degenerate, zero, 1.0 / (k1 * delta)),
+            torch.where(degenerate, zero, -k1 * delta))
+
+
+def change_from_params(x: torch.Tensor, params: tuple[torch.Tensor, ...], shape: str) -> torch.Tensor:
+    """`limit_change` of float32 `x` given `change_params` broadcastable to `x`."""
+    if shape == "hard":
+        return x - torch.clamp(x, params[0], params[1])
+    v = x - params[0]
+    if shape == "tanh":
+        return torch.addcmul(v, torch.mul(v, params[1]).tanh_(), params[2])
+    s = v.abs().sub_(params[1]).clamp_min_(0.0)
+    t = torch.mul(s, params[2]).tanh_()
+    return torch.copysign(torch.addcmul(s, t, params[3]), v)
+
+
 def limit_change(x: torch.Tensor, l: torch.Tensor, h: torch.Tensor, shape: str = "hard",
                  alpha: float = 2.0) -> torch.Tensor:
     """The limiter's change ``x − limit(x, l, h)`` in float32, computed directly (spec §1, §3.6).
@@ -133,19 +164,6 @@ def limit_change(x: torch.Tensor, l: torch.Tensor, h: torch.Tensor, shape: str =
     >>> limit_change(torch.tensor([-3.0, 0.5, 1.5]), torch.tensor(-1.0), torch.tensor(1.0), "soft")
     tensor([-2.0000,  0.0000,  0.5045])
     """
-    check_shape_alpha(shape, alpha)
-    l = torch.as_tensor(l, device=x.device).float()
-    h = torch.as_tensor(h, device=x.device).float()
-    x = x.float()
-    if shape == "hard":
-        return x - torch.clamp(x, l, h)
-    m, delta, degenerate = _half_width(l, h)
-    zero = torch.zeros_like(delta)
-    v = x - m
-    if shape == "tanh":
-        t = torch.mul(v, torch.where(degenerate, zero, alpha / delta)).tanh_()
-        return torch.addcmul(v, t, torch.where(degenerate, zero, -delta))
-    k, k1 = alpha / (1.0 + alpha), 1.0 / (1.0 + alpha)
-    s = v.abs().sub_(torch.where(degenerate, zero, k * delta)).clamp_min_(0.0)
-    t = torch.mul(s, torch.where(degenerate, zero, 1.0 / (k1 * delta))).tanh_()
-    return torch.copysign(torch.addcmul(s, t, torch.where(degenerate, zero, -k1 * delta)), v)
+    l = torch.as_tensor(l, device=x.device)
+    h = torch.as_tensor(h, device=x.device)
+    return change_from_params(x.float(), change_params(l, h, shape, alpha), shape)

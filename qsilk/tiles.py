@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .limiter import limit_change
+from .limiter import change_from_params, change_params
 
 
 class TileGrid(NamedTuple):
@@ -106,6 +106,7 @@ def overlap_add_changes(xp, l, h, grid: TileGrid, shape: str, alpha: float, tria
     acc = torch.zeros_like(xp)
     w = window(t, triangular, str(xp.device))
     w2 = (w[:, None, None] * w[None, None, :]) if triangular else None
+    params = change_params(l, h, shape, alpha)  # per-tile constants, once for all phases
     sb, sc, sh, sw = xp.stride()
     for pi in range(min(r, grid.n_h)):
         for pj in range(min(r, grid.n_w)):
@@ -113,9 +114,8 @@ def overlap_add_changes(xp, l, h, grid: TileGrid, shape: str, alpha: float, tria
             size, strides = (*xp.shape[:2], ni, t, nj, t), (sb, sc, r * s * sh, sh, r * s * sw, sw)
             off = pi * s * sh + pj * s * sw
             xt = xp.as_strided(size, strides, xp.storage_offset() + off)
-            lt = l[:, :, pi::r, pj::r][:, :, :, None, :, None]
-            ht = h[:, :, pi::r, pj::r][:, :, :, None, :, None]
-            change = limit_change(xt, lt, ht, shape, alpha)
+            phase = tuple(p[:, :, pi::r, pj::r][:, :, :, None, :, None] for p in params)
+            change = change_from_params(xt, phase, shape)
             view = acc.as_strided(size, strides, off)
             view.add_(change) if w2 is None else view.addcmul_(change, w2)
     return acc
