@@ -188,7 +188,13 @@ class Job:
 
     # -- install / remove around one p.sample call ----------------------------------------
     def run_sample(self, original: Callable, args: tuple, kwargs: dict) -> Any:
-        self.install()
+        try:
+            self.install()
+        except Exception as exc:  # a WebUI QSilk does not understand: run the batch without it, say so
+            log.exception("QSilk: installing the job's hooks failed")
+            self.uninstall()
+            self._note(f"could not hook into this WebUI ({exc}); this batch ran without QSilk")
+            return original(*args, **kwargs)
         try:
             return original(*args, **kwargs)
         finally:
@@ -252,7 +258,10 @@ class Job:
             if sampler.__dict__.get(JOB_ATTR) is self:
                 del sampler.__dict__[JOB_ATTR]
         if self.probe is not None:
-            self.probe.detach()
+            try:
+                self.probe.detach()
+            except Exception:
+                log.exception("QSilk: detaching the attention probe failed")
         _live_jobs.discard(self)
 
     # -- sampler passes -------------------------------------------------------------------

@@ -546,3 +546,18 @@ def test_every_parameter_reaches_the_stabiliser(harness, webui):
     settings = only_spy().settings
     assert {k: getattr(settings, k) for k in values} == values
     assert len(PARAMS) == len(harness.components)
+
+
+def test_a_webui_the_adapter_cannot_hook_runs_the_batch_without_qsilk_and_says_so(harness, webui, monkeypatch):
+    def broken(callback, *args, **kwargs):
+        raise RuntimeError("no such callback list")
+
+    monkeypatch.setattr(webui.script_callbacks, "add_callback", broken)
+    monkeypatch.setattr(webui.script_callbacks, "on_model_loaded", broken)
+    harness.without_script(**SMALL)
+    reference = webui.log["pixels"][-1]
+    before = snapshot(webui)
+    processed = harness.txt2img(**SMALL)
+    assert torch.equal(webui.log["pixels"][-1], reference)
+    assert "could not hook into this WebUI" in processed.infotexts[0]
+    assert_clean(webui, before, harness.last_p)
