@@ -12,6 +12,9 @@ import torch.nn.functional as F
 
 from .limiter import change_from_params, change_params
 
+#: Values limited at once in `overlap_add_changes` (1 MiB of float32: stays in cache).
+CHUNK = 1 << 18
+
 
 class TileGrid(NamedTuple):
     """Tile geometry of spec §3.1 for one latent size."""
@@ -110,14 +113,18 @@ def overlap_add_changes(xp, l, h, grid: TileGrid, shape: str, alpha: float, tria
     sb, sc, sh, sw = xp.stride()
     for pi in range(min(r, grid.n_h)):
         for pj in range(min(r, grid.n_w)):
-            ni, nj = -(-(grid.n_h - pi) // r), -(-(grid.n_w - pj) // r)
-            size, strides = (*xp.shape[:2], ni, t, nj, t), (sb, sc, r * s * sh, sh, r * s * sw, sw)
-            off = pi * s * sh + pj * s * sw
-            xt = xp.as_strided(size, strides, xp.storage_offset() + off)
-            phase = tuple(p[:, :, pi::r, pj::r][:, :, :, None, :, None] for p in params)
-            change = change_from_params(xt, phase, shape)
-            view = acc.as_strided(size, strides, off)
-            view.add_(change) if w2 is None else view.addcmul_(change, w2)
+            n_i, nj = -(-(grid.n_h - pi) // r), -(-(grid.n_w - pj) // r)
+            # a few tile rows at a time, so the ~9 passes of the limiter run on cache-sized data
+            rows = max(1, CHUNK // (xp.shape[0] * xp.shape[1] * nj * t * t))
+            for i0 in range(0, n_i, rows):
+                ni = min(rows, n_i - i0)
+                size, strides = (*xp.shape[:2], ni, t, nj, t), (sb, sc, r * s * sh, sh, r * s * sw, sw)
+                off = (pi + i0 * r) * s * sh + pj * s * sw
+                xt = xp.as_strided(size, strides, xp.storage_offset() + off)
+                phase = tuple(p[:, :, pi + i0 * r:pi + (i0 + ni) * r:r, pj::r][:, :, :, None, :, None] for p in params)
+                change = change_from_params(xt, phase, shape)
+                view = acc.as_strided(size, strides, off)
+                view.add_(change) if w2 is None else view.addcmul_(change, w2)
     return acc
 
 

@@ -168,6 +168,14 @@ def test_paper_variant_equals_literal_algorithm_1(size, tile, stride, c):
     assert torch.allclose(aqclip(x, emap, tile=tile, stride=stride, variant="paper").double(), ref.double(), atol=1e-5)
 
 
+@pytest.mark.parametrize("variant,shape", [("qsilk", "soft"), ("paper", "tanh"), ("qsilk", "hard")])
+def test_aqclip_result_does_not_depend_on_the_chunk_size(monkeypatch, variant, shape):
+    x = torch.randn(2, 4, 70, 90, generator=torch.Generator().manual_seed(8)) * 2
+    whole = aqclip(x, tile=16, stride=8, variant=variant, shape=shape)
+    monkeypatch.setattr(tiles_mod, "CHUNK", 1)  # one tile row per chunk
+    assert torch.equal(aqclip(x, tile=16, stride=8, variant=variant, shape=shape), whole)
+
+
 # -- identities of spec §0 --------------------------------------------------------------------
 @given(latents(dtypes=DTYPES), tiles, st.sampled_from(["qsilk", "paper"]), st.sampled_from(["hard", "soft", "tanh"]))
 @settings(max_examples=30, deadline=None)
