@@ -10,10 +10,12 @@
 (c) on CUDA, (a) with an SDXL-size UNet at 1024² (latent 128², fp16); skipped on CPU with a note.
 
 Each measured thing alternates with the others inside one loop (warm-up, then repeats; the order
-flips every repeat). Every ratio is given twice: the median of the per-repeat ratios, and the
-ratio of the best (minimum) times, which other load on a shared machine disturbs least.
+flips every repeat). Every sample is timed twice: wall clock, and the process's CPU time (on CPU;
+all threads). CPU time is the work done, which other jobs on a shared machine do not inflate —
+with `--threads 1` it is also free of thread scheduling. Every ratio is given as the median of
+the per-repeat ratios and as the ratio of the best (minimum) times.
 
-    python bench/bench_core.py [--quick] [--reps N] [--unet auto|diffusers|local] [--json PATH]
+    python bench/bench_core.py [--quick] [--reps N] [--threads N] [--unet auto|diffusers|local] [--json PATH]
 """
 from __future__ import annotations
 
@@ -49,12 +51,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+CLOCKS = ("wall", "cpu")
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> tuple[dict, object]:
+    """``({"wall": s, "cpu": s}, fn())``; CPU time is the whole process's (all threads)."""
     _sync(device)
-    t0 = time.perf_counter()
+    w0, c0 = time.perf_counter(), time.process_time()
     out = fn()
     _sync(device)
-    return time.perf_counter() - t0, out
+    return {"wall": time.perf_counter() - w0, "cpu": time.process_time() - c0}, out
+
+
+def _add(a: dict, b: dict) -> dict:
+    return {k: a[k] + b[k] for k in CLOCKS}
 
 
 def build_unet(kind: str, cfg: UNetConfig, device: torch.device, dtype: torch.dtype):
@@ -78,6 +88,26 @@ def build_unet(kind: str, cfg: UNetConfig, device: torch.device, dtype: torch.dt
     return unet, lambda x, t, c, y: unet(x, t, c, y), f"bench/sd_unet.py {label}-size ldm-layout UNet, random weights"
 
 
+def _summary(samples: list[dict], clock: str, ratios: dict[str, Callable[[dict], float]]) -> dict:
+    """Medians, minima and, per named ratio, its median over repeats and its value on the minima."""
+    keys = samples[0].keys()
+    med = {k: statistics.median(s[k][clock] for s in samples) for k in keys}
+    best = {k: min(s[k][clock] for s in samples) for k in keys}
+    out = {"median_s": med, "min_s": best}
+    for name, f in ratios.items():
+        out[name] = statistics.median(f({k: s[k][clock] for k in keys}) for s in samples)
+        out[name + "_best"] = f(best)
+    return out
+
+
+UNET_RATIOS = {
+    "post_cfg_ratio": lambda m: m["post_cfg"] / m["unet"],
+    "probe_ratio": lambda m: (m["probe_hooks"] + m["take_map"] + m["post_cfg_attn"]) / m["unet"],
+    "probe_only_ratio": lambda m: (m["probe_hooks"] + m["take_map"]) / m["unet"],
+    "unet_with_probe_ratio": lambda m: m["unet_with_probe"] / m["unet"] - 1.0,
+}
+
+
 def measure_unet_ratios(cfg: UNetConfig = SD15, *, latent_hw=(64, 64), unet_batch: int = 2, reps: int = 5,
                         warmup: int = 1, device="cpu", dtype=torch.float32, unet_kind: str = "auto",
                         max_queries: int = 0) -> dict:
@@ -95,19 +125,16 @@ def measure_unet_ratios(cfg: UNetConfig = SD15, *, latent_hw=(64, 64), unet_batc
     lite.begin_pass()
     attn.begin_pass()
     probe = EntropyProbe(heads=2, max_queries=max_queries)
-    hook_seconds = [0.0]
+    in_hooks = {k: 0.0 for k in CLOCKS}
     on_projection = probe._on_projection
 
     def timed_projection(which, out):  # the time spent inside the probe's hooks
-        _sync(device)
-        t0 = time.perf_counter()
-        on_projection(which, out)
-        _sync(device)
-        hook_seconds[0] += time.perf_counter() - t0
+        spent, _ = _timed(lambda: on_projection(which, out), device)
+        for k in CLOCKS:
+            in_hooks[k] += spent[k]
 
     probe._on_projection = timed_projection
-    rows = {k: [] for k in ("unet", "unet_with_probe", "probe_hooks", "take_map", "post_cfg", "post_cfg_attn")}
-    failures = []
+    samples, failures = [], []
     with torch.inference_mode():
         for rep in range(warmup + reps):
             step = rep % 20
@@ -119,9 +146,9 @@ def measure_unet_ratios(cfg: UNetConfig = SD15, *, latent_hw=(64, 64), unet_batc
             def probed():
                 probe.attach(layer, factor=factor)
                 probe.begin_evaluation(latent_hw, images)
-                hook_seconds[0] = 0.0
+                in_hooks.update(wall=0.0, cpu=0.0)
                 sample["unet_with_probe"] = _timed(lambda: call(x, t, ctx, y), device)[0]
-                sample["probe_hooks"] = hook_seconds[0]
+                sample["probe_hooks"] = dict(in_hooks)
                 sample["take_map"], sample["map"] = _timed(probe.take_map, device)
                 probe.detach()
 
@@ -133,30 +160,26 @@ def measure_unet_ratios(cfg: UNetConfig = SD15, *, latent_hw=(64, 64), unet_batc
             sample["post_cfg"] = _timed(lambda: lite.post_cfg(x0, step, 20), device)[0]
             sample["post_cfg_attn"] = _timed(lambda: attn.post_cfg(x0, step, 20, probe_map=emap), device)[0]
             if rep >= warmup:
-                for k, v in sample.items():
-                    rows[k].append(v)
-    per_rep = lambda f: statistics.median(f(i) for i in range(reps))  # noqa: E731
-    best = {k: min(v) for k, v in rows.items()}
-    unet_s = rows["unet"]
+                samples.append(sample)
     result = {
         "unet": desc, "unet_params_M": round(n_params / 1e6, 2), "latent": list(latent_hw),
         "unet_batch": unet_batch, "images": images, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-        "probe_layer": name, "probe_factor": factor, "probe_queries": max_queries or
-        (1024 if device.type == "cuda" else 256), "reps": reps, "warmup": warmup,
-        "median_s": {k: statistics.median(v) for k, v in rows.items()}, "min_s": best, "samples_s": rows,
-        "post_cfg_ratio": per_rep(lambda i: rows["post_cfg"][i] / unet_s[i]),
-        "post_cfg_ratio_best": best["post_cfg"] / best["unet"],
-        "probe_ratio_best": (best["probe_hooks"] + best["take_map"] + best["post_cfg_attn"]) / best["unet"],
-        "probe_ratio": per_rep(lambda i: (rows["probe_hooks"][i] + rows["take_map"][i] + rows["post_cfg_attn"][i])
-                               / unet_s[i]),
-        "probe_only_ratio": per_rep(lambda i: (rows["probe_hooks"][i] + rows["take_map"][i]) / unet_s[i]),
-        "unet_with_probe_ratio": per_rep(lambda i: rows["unet_with_probe"][i] / unet_s[i] - 1.0),
-        "probe_failures": sorted(set(filter(None, failures))),
+        "threads": torch.get_num_threads(), "probe_layer": name, "probe_factor": factor,
+        "probe_queries": max_queries or (1024 if device.type == "cuda" else 256), "reps": reps, "warmup": warmup,
+        "samples": samples, "probe_failures": sorted(set(filter(None, failures))),
         "lite_report": {k: lite.report()[k] for k in ("evaluations", "errors", "nan_passthrough")},
         "attn_report": {k: attn.report()[k] for k in ("evaluations", "attn_maps", "lite_fallbacks", "errors")},
     }
+    for clock in CLOCKS if device.type == "cpu" else ("wall",):
+        result[clock] = _summary(samples, clock, UNET_RATIOS)
     del unet
     return result
+
+
+CORE_RATIOS = {
+    "speedup_qsilk": lambda m: m["literal"] / m["ours_qsilk"],
+    "speedup_paper": lambda m: m["literal"] / m["ours_paper"],
+}
 
 
 def measure_core_vs_literal(sizes=(128, 640), *, batch: int = 1, reps: int = 5, warmup: int = 1,
@@ -166,27 +189,20 @@ def measure_core_vs_literal(sizes=(128, 640), *, batch: int = 1, reps: int = 5, 
     out = []
     for size in sizes:
         x = torch.randn(batch, 4, size, size, generator=torch.Generator().manual_seed(size)).mul(1.5).to(device)
-        ours_q = lambda: aqclip(micro_clamp(x))  # noqa: E731
-        ours_p = lambda: aqclip(micro_clamp(x), variant="paper")  # noqa: E731
-        literal = lambda: literal_pipeline(x)  # noqa: E731
-        rows = {"ours_qsilk": [], "ours_paper": [], "literal": []}
-        fns = list(zip(rows, (ours_q, ours_p, literal)))
+        fns = [("ours_qsilk", lambda: aqclip(micro_clamp(x))),
+               ("ours_paper", lambda: aqclip(micro_clamp(x), variant="paper")),
+               ("literal", lambda: literal_pipeline(x))]
+        samples = []
         with torch.inference_mode():
             for rep in range(warmup + reps):
                 sample = {k: _timed(fn, device)[0] for k, fn in (fns if rep % 2 == 0 else fns[::-1])}
                 if rep >= warmup:
-                    for k, v in sample.items():
-                        rows[k].append(v)
-        med = lambda f: statistics.median(f(i) for i in range(reps))  # noqa: E731
-        out.append({
-            "latent": [size, size], "batch": batch, "device": str(device), "reps": reps,
-            "median_s": {k: statistics.median(v) for k, v in rows.items()},
-            "min_s": {k: min(v) for k, v in rows.items()}, "samples_s": rows,
-            "speedup_qsilk": med(lambda i: rows["literal"][i] / rows["ours_qsilk"][i]),
-            "speedup_paper": med(lambda i: rows["literal"][i] / rows["ours_paper"][i]),
-            "speedup_qsilk_best": min(rows["literal"]) / min(rows["ours_qsilk"]),
-            "speedup_paper_best": min(rows["literal"]) / min(rows["ours_paper"]),
-        })
+                    samples.append(sample)
+        result = {"latent": [size, size], "batch": batch, "device": str(device), "threads": torch.get_num_threads(),
+                  "reps": reps, "samples": samples}
+        for clock in CLOCKS if device.type == "cpu" else ("wall",):
+            result[clock] = _summary(samples, clock, CORE_RATIOS)
+        out.append(result)
     return out
 
 
@@ -207,47 +223,58 @@ def _verdict(ok: bool) -> str:
     return "ok" if ok else "MISSED"
 
 
+def _clock_pair(r: dict, name: str, fmt: Callable[[float], str]) -> str:
+    """``wall median / best | cpu median / best`` of one ratio."""
+    parts = [f"{fmt(r[c][name])} / {fmt(r[c][name + '_best'])}" for c in CLOCKS if c in r]
+    return " | ".join(parts)
+
+
+def _all(r: dict, name: str) -> list[float]:
+    return [r[c][k] for c in CLOCKS if c in r for k in (name, name + "_best")]
+
+
 def format_table(results: dict) -> str:
-    """The printed report. Times are medians; ratios are the median of the per-repeat ratios and,
-    after '/', the ratio of the best (minimum) times, which other load on the machine disturbs least."""
+    """The printed report: median times; each ratio as 'median / best' for wall clock | CPU time."""
     mach = results["machine"]
     lines = [f"machine: {mach['cpu_count']} CPU cores ({mach['cpu']}), torch {mach['torch']}, "
-             f"{mach['torch_threads']} threads" + (f", GPU {mach['gpu']}" if mach.get("gpu") else ""), ""]
+             f"{mach['torch_threads']} threads" + (f", GPU {mach['gpu']}" if mach.get("gpu") else ""),
+             "ratios: median over repeats / on the best times, for wall clock | process CPU time", ""]
     for key, title in (("a", "(a) CPU, SD1.5-size"), ("c", "(c) CUDA, SDXL-size")):
         r = results.get(key)
         if not isinstance(r, dict):
             lines += [f"{title}: {r}", ""]
             continue
-        m = r["median_s"]
+        m = r["wall"]["median_s"]
         probe_s = m["probe_hooks"] + m["take_map"]
         lines += [
             f"{title}: {r['unet']} ({r['unet_params_M']} M params), latent {r['latent'][0]}×{r['latent'][1]}, "
-            f"UNet batch {r['unet_batch']} (cond+uncond of {r['images']} image), {r['dtype']}, {r['reps']} repeats; "
-            f"probe on {r['probe_layer']} (f={r['probe_factor']}, {r['probe_queries']} queries × 2 heads)",
-            f"  {'measurement':40s} {'median':>11s}   {'÷ UNet: median / best':>22s} {'target':>8s}",
-            f"  {'one UNet evaluation':40s} {m['unet'] * 1e3:8.1f} ms",
-            f"  {'post_cfg (Balanced, Lite)':40s} {m['post_cfg'] * 1e3:8.2f} ms   "
-            f"{_pct(r['post_cfg_ratio']):>10s} / {_pct(r['post_cfg_ratio_best']):>9s} {'≤ 0.5 %':>8s} "
-            f"{_verdict(max(r['post_cfg_ratio'], r['post_cfg_ratio_best']) <= TARGET_POST_CFG)}",
-            f"  {'probe hooks + take_map':40s} {probe_s * 1e3:8.2f} ms   {_pct(r['probe_only_ratio']):>10s}",
-            f"  {'probe + post_cfg with its map (Attn)':40s} {(probe_s + m['post_cfg_attn']) * 1e3:8.2f} ms   "
-            f"{_pct(r['probe_ratio']):>10s} / {_pct(r['probe_ratio_best']):>9s} {'≤ 2 %':>8s} "
-            f"{_verdict(max(r['probe_ratio'], r['probe_ratio_best']) <= TARGET_PROBE)}",
-            f"  {'(UNet with probe − UNet) / UNet':40s} {'':11s}   {_pct(r['unet_with_probe_ratio']):>10s}"
+            f"UNet batch {r['unet_batch']} (cond+uncond of {r['images']} image), {r['dtype']}, {r['reps']} repeats, "
+            f"{r['threads']} thread(s); probe on {r['probe_layer']} (f={r['probe_factor']}, "
+            f"{r['probe_queries']} queries × 2 heads)",
+            f"  {'measurement':38s} {'wall median':>12s}   ratio to one UNet evaluation",
+            f"  {'one UNet evaluation':38s} {m['unet'] * 1e3:9.1f} ms",
+            f"  {'post_cfg (Balanced, Lite)':38s} {m['post_cfg'] * 1e3:9.2f} ms   "
+            f"{_clock_pair(r, 'post_cfg_ratio', _pct)}   target ≤ 0.5 %: "
+            f"{_verdict(max(_all(r, 'post_cfg_ratio')) <= TARGET_POST_CFG)}",
+            f"  {'probe hooks + take_map':38s} {probe_s * 1e3:9.2f} ms   {_clock_pair(r, 'probe_only_ratio', _pct)}",
+            f"  {'probe + post_cfg with its map (Attn)':38s} {(probe_s + m['post_cfg_attn']) * 1e3:9.2f} ms   "
+            f"{_clock_pair(r, 'probe_ratio', _pct)}   target ≤ 2 %: "
+            f"{_verdict(max(_all(r, 'probe_ratio')) <= TARGET_PROBE)}",
+            f"  {'(UNet with probe − UNet) / UNet':38s} {'':12s}   {_clock_pair(r, 'unet_with_probe_ratio', _pct)}"
             "   (difference of two timings: noise)", ""]
         if r["probe_failures"]:
             lines.insert(-1, f"  probe produced no map: {r['probe_failures']}")
+    x = lambda v: f"{v:.2f}×"  # noqa: E731
     lines += ["(b) micro_clamp + aqclip vs literal Algorithm 1 (torch.quantile, unfold/fold, per-sample loop), CPU",
-              f"  {'latent':9s} {'ours qsilk':>11s} {'ours paper':>11s} {'literal':>11s}   "
-              f"{'speed-up qsilk':>15s} {'speed-up paper':>15s}  (median / best)  target ≥ 5×"]
+              f"  {'latent':9s} {'ours qsilk':>11s} {'ours paper':>11s} {'literal':>11s}  (wall medians)"]
     for r in results["b"]:
-        m = r["median_s"]
-        worst = min(r["speedup_qsilk"], r["speedup_paper"], r["speedup_qsilk_best"], r["speedup_paper_best"])
+        m = r["wall"]["median_s"]
         lines.append(f"  {r['latent'][0]}×{r['latent'][1]:<5d} {m['ours_qsilk'] * 1e3:8.1f} ms "
-                     f"{m['ours_paper'] * 1e3:8.1f} ms {m['literal'] * 1e3:8.1f} ms   "
-                     f"{r['speedup_qsilk']:6.2f}× /{r['speedup_qsilk_best']:5.2f}× "
-                     f"{r['speedup_paper']:6.2f}× /{r['speedup_paper_best']:5.2f}×  "
-                     f"{_verdict(worst >= TARGET_SPEEDUP)}")
+                     f"{m['ours_paper'] * 1e3:8.1f} ms {m['literal'] * 1e3:8.1f} ms")
+        for variant in ("qsilk", "paper"):
+            name = f"speedup_{variant}"
+            lines.append(f"      speed-up, {variant} variant: {_clock_pair(r, name, x)}   target ≥ 5×: "
+                         f"{_verdict(min(_all(r, name)) >= TARGET_SPEEDUP)}")
     return "\n".join(lines)
 
 
@@ -256,12 +283,16 @@ def run(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench_core", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny UNet and sizes, 2 repeats (CI smoke; not the targets)")
     ap.add_argument("--reps", type=int, default=None, help="timed repeats per measurement (default 5; quick 2)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's own); 1 makes CPU-time ratios scheduling-free")
     ap.add_argument("--unet", choices=("auto", "diffusers", "local"), default="auto",
                     help="SD1.5-size UNet: diffusers' UNet2DConditionModel if installed (auto), or bench/sd_unet.py")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"where to write results (default {DEFAULT_JSON})")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     reps = args.reps or (2 if args.quick else 5)
-    warmup = 0 if args.quick else 1
+    warmup = 1
     results = {"machine": machine(), "quick": args.quick, "command": "python bench/bench_core.py "
                + " ".join(argv if argv is not None else sys.argv[1:])}
     if args.quick:

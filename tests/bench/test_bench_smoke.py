@@ -24,13 +24,14 @@ def test_unet_ratios_tiny_runs_and_probe_makes_maps():
     assert r["probe_failures"] == [] and r["attn_report"]["attn_maps"] == 1 and r["attn_report"]["lite_fallbacks"] == 0
     assert r["probe_layer"] == "output_blocks.3.1.transformer_blocks.0.attn1" and r["probe_factor"] == 1
     assert r["lite_report"] == {"evaluations": 1, "errors": 0, "nan_passthrough": 0}
-    assert all(v > 0 for v in r["median_s"].values())
-    assert r["post_cfg_ratio"] > 0 and r["probe_ratio"] > r["probe_only_ratio"] > 0
+    assert all(v > 0 for v in r["wall"]["median_s"].values())
+    assert r["wall"]["post_cfg_ratio"] > 0 and r["wall"]["probe_ratio"] > r["wall"]["probe_only_ratio"] > 0
+    assert set(r["cpu"]) >= {"median_s", "min_s", "post_cfg_ratio", "post_cfg_ratio_best"}
 
 
 def test_core_vs_literal_tiny_runs():
     (r,) = bench_core.measure_core_vs_literal((32,), reps=1, warmup=0)
-    assert r["latent"] == [32, 32] and r["speedup_qsilk"] > 0 and r["speedup_paper"] > 0
+    assert r["latent"] == [32, 32] and r["wall"]["speedup_qsilk"] > 0 and r["cpu"]["speedup_paper_best"] > 0
 
 
 def test_run_quick_writes_json_and_table(tmp_path, capsys):
