@@ -98,25 +98,33 @@ def _row_entropy(q_rows: torch.Tensor, k_row: torch.Tensor, d: int) -> torch.Ten
     return (ent.mean(0) / math.log(n_keys)).clamp_(0.0, 1.0)
 
 
-def _split_heads(t: torch.Tensor, num_heads: int, heads: Sequence[int], tokens=None) -> torch.Tensor:
-    """``(N, H·d)`` → float32 ``(n, N', d)`` for the chosen heads (and tokens): always a copy."""
+def _take_positions(t: torch.Tensor, size: int, s: int) -> torch.Tensor:
+    """Entries ``min(size−1, ⌊s/2⌋ + i·s)`` of dim 0, by slicing (no index tensor, no host copy)."""
+    picked = t[s // 2::s]
+    if picked.shape[0] < -(-size // s):  # the last block is short: its query is clamped to size − 1
+        picked = torch.cat([picked, t[size - 1:size]])
+    return picked
+
+
+def _split_heads(t: torch.Tensor, num_heads: int, heads: Sequence[int],
+                 grid: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """``(N, H·d)`` → float32 ``(n, N', d)`` for the chosen heads — and, with ``grid = (h, w, s)``,
+    only the sampled query tokens, row-major. Always a copy, never a view of `t`."""
     n_tok, width = t.shape
     if width % num_heads:
         raise ValueError(f"QSilk probe: width {width} is not a multiple of {num_heads} heads")
     t = t.reshape(n_tok, num_heads, width // num_heads)
-    if tokens is not None:
-        t = t.index_select(0, tokens)
-    t = t.index_select(1, torch.tensor(heads, device=t.device))
-    return t.transpose(0, 1).to(torch.float32).contiguous()
+    if grid is not None:
+        h, w, s = grid
+        t = _take_positions(t.reshape(h, w, num_heads, -1), h, s)
+        t = _take_positions(t.transpose(0, 1), w, s).transpose(0, 1).reshape(-1, num_heads, t.shape[-1])
+    return torch.stack([t[:, i] for i in heads]).to(torch.float32)
 
 
-def _sampling(h: int, w: int, max_queries: int | None, device: torch.device):
-    """(stride, token indices of the sampled queries in row-major order, rows, cols)."""
-    q_max = max_queries or default_max_queries(device)
-    s = query_stride(h, w, q_max)
-    rows, cols = sampled_positions(h, s), sampled_positions(w, s)
-    idx = torch.tensor([r * w + c for r in rows for c in cols], device=device)
-    return s, idx, len(rows), len(cols)
+def _sampling(h: int, w: int, max_queries: int | None, device: torch.device) -> tuple[int, int, int]:
+    """(stride, sampled rows, sampled columns)."""
+    s = query_stride(h, w, max_queries or default_max_queries(device))
+    return s, -(-h // s), -(-w // s)
 
 
 def _fill_blocks(values: torch.Tensor, s: int, h: int, w: int) -> torch.Tensor:
@@ -152,9 +160,9 @@ def entropy_map(q: torch.Tensor, k: torch.Tensor, grid_hw: tuple[int, int], *, n
         raise ValueError(f"QSilk probe: N_q = {q.shape[1]} and N_k = {k.shape[1]} must both be h·w = {h * w}")
     hs = head_indices(num_heads, heads)
     d = q.shape[2] // num_heads
-    s, idx, nh, nw = _sampling(h, w, max_queries, q.device)
+    s, nh, nw = _sampling(h, w, max_queries, q.device)
     with torch.no_grad():
-        rows = [_row_entropy(_split_heads(q[b], num_heads, hs, idx), _split_heads(k[b], num_heads, hs), d)
+        rows = [_row_entropy(_split_heads(q[b], num_heads, hs, (h, w, s)), _split_heads(k[b], num_heads, hs), d)
                 for b in range(q.shape[0])]
         return _fill_blocks(torch.stack(rows).view(-1, 1, nh, nw), s, h, w)
 
@@ -387,7 +395,8 @@ class EntropyProbe:
             num_heads = self._module.heads
             hs = head_indices(num_heads, self.heads)
             if which == "q":
-                pend["q"] = [_split_heads(out[r], num_heads, hs, pend["idx"]) for r, _ in pend["rows"]]
+                h, w, _ = self._grid
+                pend["q"] = [_split_heads(out[r], num_heads, hs, (h, w, pend["s"])) for r, _ in pend["rows"]]
             else:
                 pend["k"] = [_split_heads(out[r], num_heads, hs) for r, _ in pend["rows"]]
             if "q" in pend and "k" in pend:
@@ -417,9 +426,9 @@ class EntropyProbe:
             self._fail("token grid changed within one evaluation")
             return None
         self._grid = grid
-        s, idx, nh, nw = _sampling(grid[0], grid[1], self.max_queries, out.device)
+        s, nh, nw = _sampling(grid[0], grid[1], self.max_queries, out.device)
         rows = [(r, image) for r, image, _ in chosen]
-        return {"shape": out.shape[:2], "rows": rows, "idx": idx, "s": s, "nhw": (nh, nw)}
+        return {"shape": out.shape[:2], "rows": rows, "s": s, "nhw": (nh, nw)}
 
     def _finish_call(self, pend: dict[str, Any], d: int) -> None:
         h, w, _ = self._grid

@@ -562,3 +562,27 @@ def test_find_probe_layer_diffusers_unet_and_probe_end_to_end(sdxl_like, expecte
     assert torch.equal(out, ref)                       # observing never changes the output
     assert emap is not None and emap.shape == (1, 1, 14, 18), probe.last_failure
     assert float(emap.min()) >= 0 and float(emap.max()) <= 1
+
+
+def test_probe_path_never_syncs_with_the_host(monkeypatch):
+    """Hooks and take_map (the per-evaluation path) make no Tensor → Python conversion and build no
+    tensor from Python data (a host → device copy on CUDA)."""
+    attn = _attn(heads=10)
+    probe = EntropyProbe(max_queries=7)
+    probe.attach(attn)
+    x = torch.randn(3, 7 * 9, 32)
+
+    def sync(*args, **kwargs):
+        raise AssertionError("host synchronisation on the per-evaluation path")
+    for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    monkeypatch.setattr(torch, "tensor", sync)
+    monkeypatch.setattr(torch, "as_tensor", sync)
+    probe.begin_evaluation((14, 18), 2, lambda n: [(0, 0, 0), (1, 1, 1)])
+    with torch.no_grad():
+        attn(x)
+    emap = probe.take_map()
+    entropy_map(x, x, (7, 9), num_heads=4, max_queries=7)
+    monkeypatch.undo()
+    assert emap is not None and emap.shape == (2, 1, 14, 18)
+    assert torch.equal(emap, _expected(attn, x[:2], (14, 18), 2, 7))
