@@ -586,3 +586,23 @@ def test_probe_path_never_syncs_with_the_host(monkeypatch):
     monkeypatch.undo()
     assert emap is not None and emap.shape == (2, 1, 14, 18)
     assert torch.equal(emap, _expected(attn, x[:2], (14, 18), 2, 7))
+
+
+def test_row_selector_called_once_per_unet_call():
+    """A1111's selector tracks the row offset across calls, so it must see each call exactly once,
+    also when it ignores the call (uncond chunk) — whichever projection fires first."""
+    for k_first in (False, True):
+        attn = _attn(k_first=k_first)
+        seen = []
+
+        def selector(n):
+            seen.append(n)
+            return None if len(seen) % 2 == 0 else [(0, 0, len(seen))]
+
+        probe = EntropyProbe()
+        probe.attach(attn)
+        probe.begin_evaluation((4, 4), 1, selector)
+        with torch.no_grad():
+            attn(torch.randn(2, 16, 32))   # cond chunk
+            attn(torch.randn(3, 16, 32))   # uncond chunk: ignored
+        assert seen == [2, 3] and probe.take_map() is not None
