@@ -16,6 +16,45 @@ from ..settings import (DEFAULT_PRESET, INFOTEXT_KEY, PARAM_BY_NAME, PARAMS, PRE
 
 log = logging.getLogger("qsilk")
 
+#: k-diffusion sampler functions with one model evaluation per step.
+FIRST_ORDER = frozenset({
+    "sample_euler", "sample_euler_ancestral", "sample_lms", "sample_dpmpp_2m", "sample_dpmpp_2m_sde",
+    "sample_dpmpp_3m_sde", "sample_lcm", "sample_ddpm",
+})
+#: k-diffusion samplers with two evaluations per step except the last (a plain Euler step to σ=0):
+#: ``2·steps − 1`` evaluations (``second_order`` in the WebUI's sampler table).
+SECOND_ORDER_LAST_SINGLE = frozenset({
+    "sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde",
+})
+
+
+def _func_name(sampler: Any) -> str:
+    func = getattr(sampler, "funcname", None)
+    return func if isinstance(func, str) else getattr(func, "__name__", "")
+def expected_evaluations(sampler: Any, denoiser: Any, timesteps_count: int | None = None) -> int | None:
+    """Number n of denoiser evaluations this pass makes, for the step-window progress i/(n−1).
+
+    ``denoiser.steps`` is what the sampler passed to ``launch_sampling``: the number of sigma
+    intervals of a k-diffusion pass (txt2img: steps; img2img and hires: t_enc + 1). First-order
+    samplers evaluate once per interval, Heun-type ones ``2·steps − 1`` times. DDIM makes one
+    evaluation per timestep gap (``len(timesteps) − 1``), PLMS one more (its first step evaluates
+    twice). Others (UniPC, Restart, DPM fast/adaptive) fall back to the WebUI's own estimate
+    ``denoiser.total_steps``; progress is then clipped to 1.
+    """
+    steps = getattr(denoiser, "steps", None)
+    name = _func_name(sampler)
+    if steps:
+        if name in FIRST_ORDER:
+            return int(steps)
+        if name in SECOND_ORDER_LAST_SINGLE:
+            return 2 * int(steps) - 1
+        if timesteps_count is not None and name in ("ddim", "ddim_cfgpp"):
+            return max(1, timesteps_count - 1)
+        if timesteps_count is not None and name == "plms":
+            return max(1, timesteps_count)
+    total = getattr(denoiser, "total_steps", None)
+    return int(total) if total else None
+
 #: Settings-page option keys (``shared.opts``); section ``("qsilk", "QSilk")``.
 OPT_ENABLED_BY_DEFAULT = "qsilk_enabled_by_default"
 OPT_DEFAULT_PRESET = "qsilk_default_preset"

@@ -55,6 +55,7 @@ from ..probe import EntropyProbe, find_probe_layer
 from ..settings import Settings
 from ..stabilizer import Stabilizer
 from . import common
+from .common import expected_evaluations
 
 log = logging.getLogger("qsilk")
 
@@ -510,12 +511,6 @@ def transformer_block_of(name: str) -> tuple[tuple[str, int], int] | None:
         return None
     kind, number, index = m.groups()
     return (_BLOCK_KIND[kind], int(number or 0)), int(index)
-
-
-def expected_evaluations(sampler: Any, denoiser: Any, timesteps_count: int | None = None) -> int | None:
-    """Evaluations n of this pass; Forge's samplers and denoiser counters are A1111's."""
-    from .a1111 import expected_evaluations as count  # pure helper; imports no WebUI module
-    return count(sampler, denoiser, timesteps_count)
 
 
 def _evaluations_per_step(sampler: Any) -> int:
