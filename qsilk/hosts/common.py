@@ -31,6 +31,8 @@ SECOND_ORDER_LAST_SINGLE = frozenset({
 def _func_name(sampler: Any) -> str:
     func = getattr(sampler, "funcname", None)
     return func if isinstance(func, str) else getattr(func, "__name__", "")
+
+
 def expected_evaluations(sampler: Any, denoiser: Any, timesteps_count: int | None = None) -> int | None:
     """Number n of denoiser evaluations this pass makes, for the step-window progress i/(n−1).
 
