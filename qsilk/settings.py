@@ -180,10 +180,10 @@ PARAMS: tuple[Param, ...] = (
     Param("aqclip_alpha", "AQClip knee / slope α", 2.0, "float",
           "soft: knee hardness. tanh: slope α (>1 expands; max 4).", "aalpha", "aqclip", 0.1, 20.0, 0.1),
     Param("p_wide", "Tail share, confident", 0.0005, "float",
-          "Two-sided tail share outside the corridor where confidence is 1. Lower = wider corridor.",
+          "Share of a Gaussian tile beyond each corridor edge (one side) where confidence is 1. Lower = wider corridor.",
           "pw", "aqclip", 1e-6, 0.1, 0.0001),
     Param("p_narrow", "Tail share, uncertain", 0.01, "float",
-          "Tail share outside the corridor where confidence is 0. Higher = narrower corridor.",
+          "Share beyond each corridor edge (one side) where confidence is 0. Higher = narrower corridor.",
           "pn", "aqclip", 1e-5, 0.2, 0.0005),
     Param("sigma_floor", "Sigma floor", 1.0, "float",
           "Corridor half-width never drops below this × the sample's std. Protects sparse "
