@@ -337,13 +337,18 @@ class _SettingsMethods:
         return base.replace(**{k: v for k, v in data.items() if k != "preset"})
 
     @classmethod
-    def from_args(cls, args: Iterable[Any], ui_default_preset: str = DEFAULT_PRESET) -> "Settings":
+    def from_args(cls, args: Iterable[Any], ui_default_preset: str = DEFAULT_PRESET, *,
+                  short_form: bool = True) -> "Settings":
         """From a script's arguments: the UI's positional values, or one API dict.
 
         Positional values come in `PARAMS` order. An API client that sends only the first few
         (``[true, "Crisp"]``) gets the UI defaults — the `ui_default_preset` values — for the
         rest; when every remaining value equals them and the named preset differs, the named
         preset's values are used, because that is what such a request means.
+
+        That reading is ambiguous for a complete list (choosing Gentle in the UI and then switching
+        AQClip on gives exactly Balanced's values under the name Gentle), so hosts pass
+        ``short_form=False`` for UI requests, which always take every value as given.
         """
         args = list(args)
         if len(args) == 1 and isinstance(args[0], Mapping):
@@ -357,7 +362,7 @@ class _SettingsMethods:
         preset = PARAM_BY_NAME["preset"].coerce(given["preset"])
         ui_default = PRESETS[PARAM_BY_NAME["preset"].coerce(ui_default_preset)]
         tail = [k for k in given if k in ui_default]
-        if preset != ui_default_preset and tail and all(
+        if short_form and preset != ui_default_preset and tail and all(
                 _same(PARAM_BY_NAME[k], given[k], ui_default[k]) for k in tail):
             given = {k: v for k, v in given.items() if k not in tail}
         return cls.from_preset(preset, **given)

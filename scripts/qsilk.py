@@ -66,7 +66,8 @@ class QSilkScript(scripts.Script):
         common.restore_sample(p)
         preset_default = self.ui_default_preset or common.ui_defaults(shared.opts)[1]
         try:
-            settings = common.settings_from_script_args(args, preset_default)
+            settings = common.settings_from_script_args(
+                args, preset_default, is_api=bool(getattr(p, "is_api", False)))
             settings = common.apply_overrides(settings, common.overrides_of(p))
         except SettingsError as error:
             # Raising here would be swallowed by the WebUI (HTTP 200, image without QSilk).

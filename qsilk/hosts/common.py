@@ -116,12 +116,15 @@ def register_settings_options(shared: Any, gr: Any = None) -> None:
 
 
 # -- script arguments ------------------------------------------------------------------------
-def settings_from_script_args(args: Sequence[Any], ui_default_preset: str = DEFAULT_PRESET) -> Settings:
+def settings_from_script_args(args: Sequence[Any], ui_default_preset: str = DEFAULT_PRESET, *,
+                              is_api: bool = True) -> Settings:
     """Settings from a script's ``*args``: the UI's positionals in `PARAMS` order, or one API dict.
 
     An API request ``{"args": [{"tile": 48}]}`` reaches the script as ``(dict, <ui default>, …)``:
     the WebUI copies only as many values as the request sends and keeps the ``ui()`` defaults for
     the rest, so a dict in the first position wins and the trailing defaults are ignored.
+    Only API requests (`is_api`) get the short positional form ``[true, "Crisp"]``; the UI always
+    sends every value, and they are taken as given (see `Settings.from_args`).
     Raises `SettingsError` (message names the field and its allowed range).
     """
     args = list(args)
@@ -129,7 +132,7 @@ def settings_from_script_args(args: Sequence[Any], ui_default_preset: str = DEFA
         return Settings.from_api(args[0])
     if any(isinstance(a, Mapping) for a in args):
         raise SettingsError("QSilk: an argument dict must be the first (and only) argument")
-    return Settings.from_args(args, ui_default_preset=ui_default_preset)
+    return Settings.from_args(args, ui_default_preset=ui_default_preset, short_form=is_api)
 
 
 def apply_overrides(settings: Settings, overrides: Mapping[str, Any] | None) -> Settings:

@@ -223,10 +223,9 @@ def test_api_dict_fills_from_named_preset():
 
 
 def _reads_as_short_api_list(s) -> bool:
-    """`from_args` reads a full positional list naming preset X ≠ Balanced whose values all equal
-    Balanced's as the API short form ``[true, "X"]`` (A1111 fills the missing args with the UI
-    defaults), so such a list means X's values. Known ambiguity, reported: choosing Gentle in the
-    UI and then switching AQClip on gives exactly such a list."""
+    """With ``short_form=True`` (API requests), `from_args` reads a full positional list naming
+    preset X ≠ Balanced whose values all equal Balanced's as the short form ``[true, "X"]`` (A1111
+    fills the missing args with the UI defaults), so such a list means X's values."""
     base = PRESETS[DEFAULT_PRESET]
     return s.preset != DEFAULT_PRESET and all(getattr(s, k) == base[k] for k in PRESET_PARAMS)
 
@@ -238,6 +237,16 @@ def test_api_and_positional_round_trip(s):
     assert s.to_args() == [getattr(s, p.name) for p in PARAMS]  # positional order = PARAMS order
     if not _reads_as_short_api_list(s):
         assert Settings.from_args(s.to_args()) == s
+    assert Settings.from_args(s.to_args(), short_form=False) == s  # UI lists: always as given
+
+
+def test_ui_list_naming_a_preset_with_balanced_values_is_taken_as_given():
+    """Gentle chosen in the UI, then AQClip switched on: every value equals Balanced's, but the
+    user's list must win (the short API form must not turn AQClip back off)."""
+    s = Settings.from_preset("Gentle", aqclip_enabled=True)
+    assert s.overrides() and all(getattr(s, k) == PRESETS[DEFAULT_PRESET][k] for k in PRESET_PARAMS)
+    assert Settings.from_args(s.to_args(), short_form=False).aqclip_enabled is True
+    assert Settings.from_args(s.to_args(), short_form=True).aqclip_enabled is False  # the API short form
 
 
 def test_positional_args_follow_params_order():

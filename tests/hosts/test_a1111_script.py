@@ -203,6 +203,20 @@ def test_api_dict_in_first_position_wins_over_trailing_defaults():
     assert s == Settings.from_preset("Gentle", tile=40)
 
 
+def test_ui_values_win_over_the_api_short_form(harness, webui):
+    """In the UI, Gentle chosen and then AQClip switched on gives Balanced's values under the name
+    Gentle. A UI request (``p.is_api`` False) must run with AQClip; only an API request reads such a
+    list as the short form ``[true, "Gentle"]`` (the trailing values are the UI defaults)."""
+    values = Settings.from_preset("Gentle", aqclip_enabled=True).to_args()
+    ui = d.StableDiffusionProcessingTxt2Img(scripts=harness.runner, script_args=harness.script_args(values), **SMALL)
+    ui.is_api = False
+    ran = Settings.from_infotext(parse_infotext(d.process_images(ui).infotexts[0])["QSilk"])
+    assert (ran.preset, ran.aqclip_enabled) == ("Gentle", True)
+    api = d.StableDiffusionProcessingTxt2Img(scripts=harness.runner, script_args=harness.script_args(values), **SMALL)
+    ran = Settings.from_infotext(parse_infotext(d.process_images(api).infotexts[0])["QSilk"])
+    assert ran == Settings.from_preset("Gentle")
+
+
 def test_api_dict_elsewhere_is_an_error():
     with pytest.raises(ValueError, match="argument dict must be the first"):
         common.settings_from_script_args([True, {"tile": 40}], "Balanced")
