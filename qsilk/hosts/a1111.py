@@ -499,37 +499,12 @@ def _remove_stale() -> None:
 
 
 # -- the adapter function set (see qsilk.hosts) ----------------------------------------------
-def _preconditioner(p: Any, settings: Settings, notes: list[str]) -> Any:
-    """The job's Q-Sched pre-conditioner for low-bit models (`qsilk.quant`), or None."""
-    if getattr(settings, "qsched", "off") == "off":
-        return None
-    try:
-        from .. import quant
-        try:
-            models_dir = _module("modules.paths").models_path
-        except (ImportError, AttributeError):
-            models_dir = None
-        shared = _module("modules.shared")
-        info = quant.model_info(shared.sd_model, models_dir=models_dir, opts=getattr(shared, "opts", None),
-                                sampler=getattr(p, "sampler_name", ""), steps=getattr(p, "steps", 0))
-        return quant.make_preconditioner(settings, info, note=notes.append)
-    except Exception as exc:
-        log.exception("QSilk: Q-Sched set-up failed")
-        notes.append(f"Q-Sched not applied ({exc})")
-        return None
-
-
 def start_job(p: Any, settings: Settings) -> Job | None:
     """From ``process()``: set the job up, or return None (and install nothing) when the settings
     do nothing. The per-evaluation hooks are installed only while ``p.sample`` runs."""
     common.restore_sample(p)
-    notes: list[str] = []
-    stabilizer = Stabilizer(settings, preconditioner=_preconditioner(p, settings, notes))
-    for note in notes:
-        stabilizer.note(note)
-    if not stabilizer.enabled:
-        for note in notes:
-            common.add_note(p, note)
+    stabilizer = common.job_stabilizer(p, settings)
+    if stabilizer is None:
         return None
     job = Job(p, settings, stabilizer)
     original = p.sample

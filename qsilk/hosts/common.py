@@ -9,8 +9,10 @@ WebUI module at import time; the few host objects needed (``shared.opts``, the X
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from ..stabilizer import Stabilizer
 from ..settings import (DEFAULT_PRESET, INFOTEXT_KEY, PARAM_BY_NAME, PARAMS, PRESETS, Param, Settings,
                         SettingsError)
 
@@ -410,3 +412,38 @@ def append_map_images(processed: Any, maps: Mapping[str, Any], size: tuple[int, 
             infotexts.append(f"QSilk map: {name}")
         added += 1
     return added
+
+
+# -- the job's stabilizer ----------------------------------------------------------------------
+def job_stabilizer(p: Any, settings: Settings) -> Stabilizer | None:
+    """The job's `Stabilizer`, with its Q-Sched pre-conditioner when one is set, or None when the
+    settings do nothing (then nothing may be installed; set-up notes go to ``p``'s infotext)."""
+    notes: list[str] = []
+    stabilizer = Stabilizer(settings, preconditioner=_preconditioner(p, settings, notes))
+    for note in notes:
+        stabilizer.note(note)
+    if stabilizer.enabled:
+        return stabilizer
+    for note in notes:
+        add_note(p, note)
+    return None
+
+
+def _preconditioner(p: Any, settings: Settings, notes: list[str]) -> Any:
+    """The job's Q-Sched pre-conditioner for low-bit models (`qsilk.quant`), or None.
+
+    Reads the host's ``modules.paths`` / ``modules.shared`` only if the WebUI has loaded them."""
+    if getattr(settings, "qsched", "off") == "off":
+        return None
+    try:
+        from .. import quant
+        paths, shared = sys.modules.get("modules.paths"), sys.modules.get("modules.shared")
+        model = getattr(p, "sd_model", None) or getattr(shared, "sd_model", None)
+        info = quant.model_info(model, models_dir=getattr(paths, "models_path", None),
+                                opts=getattr(shared, "opts", None), sampler=getattr(p, "sampler_name", ""),
+                                steps=getattr(p, "steps", 0))
+        return quant.make_preconditioner(settings, info, note=notes.append)
+    except Exception as exc:
+        log.exception("QSilk: Q-Sched set-up failed")
+        notes.append(f"Q-Sched not applied ({exc})")
+        return None

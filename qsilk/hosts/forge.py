@@ -76,13 +76,8 @@ def start_job(p: Any, settings: Settings) -> "ForgeJob | None":
     for stale in list(_LIVE_JOBS):
         stale.release()
     common.restore_sample(p)
-    notes: list[str] = []
-    stabilizer = Stabilizer(settings, preconditioner=_preconditioner(p, settings, notes))
-    for note in notes:
-        stabilizer.note(note)
-    if not stabilizer.enabled:
-        for note in notes:
-            common.add_note(p, note)
+    stabilizer = common.job_stabilizer(p, settings)
+    if stabilizer is None:
         return None
     job = ForgeJob(p, settings, stabilizer)
     original = p.sample
@@ -139,23 +134,6 @@ def cleanup_all() -> None:
     """``on_script_unloaded``: release whatever a job still has installed."""
     for job in list(_LIVE_JOBS):
         job.close()
-
-
-def _preconditioner(p: Any, settings: Settings, notes: list[str]) -> Any:
-    """The job's Q-Sched pre-conditioner for low-bit models (`qsilk.quant`), or None."""
-    if getattr(settings, "qsched", "off") == "off":
-        return None
-    try:
-        from .. import quant
-        paths, shared = sys.modules.get("modules.paths"), sys.modules.get("modules.shared")
-        info = quant.model_info(p.sd_model, models_dir=getattr(paths, "models_path", None),
-                                opts=getattr(shared, "opts", None), sampler=getattr(p, "sampler_name", ""),
-                                steps=getattr(p, "steps", 0))
-        return quant.make_preconditioner(settings, info, note=notes.append)
-    except Exception as exc:
-        log.exception("QSilk: Q-Sched set-up failed")
-        notes.append(f"Q-Sched not applied ({exc})")
-        return None
 
 
 class ForgeJob:

@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from doubles import a1111 as d  # noqa: E402
 
 from qsilk.hosts import a1111 as adapter  # noqa: E402
+from qsilk.hosts import common  # noqa: E402
 from qsilk.settings import PARAMS, Settings  # noqa: E402
 from qsilk.stabilizer import Stabilizer  # noqa: E402
 
@@ -76,7 +77,8 @@ class SpyStabilizer(Stabilizer):
 @pytest.fixture
 def webui(monkeypatch):
     SpyStabilizer.instances = []
-    monkeypatch.setattr(adapter, "Stabilizer", SpyStabilizer)
+    monkeypatch.setattr(common, "Stabilizer",  # the adapters build it via common.job_stabilizer
+                         SpyStabilizer)
     w = d.WebUI("1.10.1").install()
     yield w
     w.uninstall()
@@ -502,7 +504,8 @@ def test_inpainting_passes_the_mask_and_keeps_the_rest(webui, sampler):
 @pytest.mark.parametrize("version, remover", [("1.6.0", True), ("1.6.0", False), ("1.9.0", True)])
 def test_older_webui_versions(monkeypatch, version, remover):
     SpyStabilizer.instances = []
-    monkeypatch.setattr(adapter, "Stabilizer", SpyStabilizer)
+    monkeypatch.setattr(common, "Stabilizer",  # the adapters build it via common.job_stabilizer
+                         SpyStabilizer)
     with d.WebUI(version, remover=remover) as webui:
         h = d.Harness(str(ROOT), webui)
         before = snapshot(webui)

@@ -21,6 +21,7 @@ from doubles import forge_webui as fw  # noqa: E402
 from doubles.forge_backend import FORGE_NEW, FORGE_OLD, REFORGE  # noqa: E402
 
 from qsilk.hosts import forge  # noqa: E402
+from qsilk.hosts import common  # noqa: E402
 from qsilk.settings import INFOTEXT_KEY, Settings  # noqa: E402
 from qsilk.stabilizer import Stabilizer  # noqa: E402
 
@@ -53,7 +54,8 @@ class CountingStabilizer(Stabilizer):
 def host(request, monkeypatch):
     """(ForgeHost, loaded script module) for the family in ``request.param``."""
     CountingStabilizer.instances.clear()
-    monkeypatch.setattr(forge, "Stabilizer", CountingStabilizer)
+    monkeypatch.setattr(common, "Stabilizer",  # the adapters build it via common.job_stabilizer
+                         CountingStabilizer)
     h = fw.ForgeHost(request.param).install()
     try:
         mod = fw.load_script(str(ROOT))

@@ -22,6 +22,7 @@ from doubles import forge_webui as fw  # noqa: E402
 from doubles.forge_backend import FORGE_NEW, FORGE_OLD, REFORGE  # noqa: E402
 
 from qsilk.hosts import forge  # noqa: E402
+from qsilk.hosts import common  # noqa: E402
 from qsilk.probe import entropy_map, find_probe_layer, upsample_to_latent  # noqa: E402
 from qsilk.settings import Settings  # noqa: E402
 from qsilk.stabilizer import Stabilizer  # noqa: E402
@@ -70,7 +71,8 @@ class SpyStabilizer(Stabilizer):
 @pytest.fixture(autouse=True)
 def spy(monkeypatch):
     SpyStabilizer.instances.clear()
-    monkeypatch.setattr(forge, "Stabilizer", SpyStabilizer)
+    monkeypatch.setattr(common, "Stabilizer",  # the adapters build it via common.job_stabilizer
+                         SpyStabilizer)
     yield SpyStabilizer.instances
     for job in list(forge._LIVE_JOBS):
         job.close()
@@ -539,7 +541,7 @@ def test_skip_factor_and_noisy_input_reach_the_preconditioner(family, prediction
         seen.append((x_noisy, sigma, c_skip))
         return denoised
 
-    monkeypatch.setattr(forge, "_preconditioner", lambda p, s, notes: preconditioner)
+    monkeypatch.setattr(common, "_preconditioner", lambda p, s, notes: preconditioner)
     sd = fw.SdModel(fb.UnetPatcher(fb.KModel(fb.TinyUNet().eval().requires_grad_(False),
                                              fb.Prediction(prediction), family=family)), fw.TinyVAE(4))
     inputs = []
