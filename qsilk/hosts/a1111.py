@@ -532,18 +532,7 @@ def end_job(p: Any, job: Job | None, processed: Any = None) -> dict | None:
     job.uninstall()
     report = job.stabilizer.report()
     job._post_notes()
-    log.info("QSilk: %d pass(es), %d evaluation(s) stabilised, %d pre-decode(s), %.3f s%s",
-             report["passes"], report["evaluations"], report["pre_decodes"], report["seconds"],
-             "".join(f"; {n}" for n in report["notes"]))
-    if processed is not None:
-        if job.settings.show_maps and job.stabilizer.last_maps and getattr(processed, "images", None):
-            size = processed.images[0].size
-            common.append_map_images(processed, job.stabilizer.last_maps, size)
-        if isinstance(getattr(processed, "comments", None), str):
-            for note in report["notes"]:
-                if f"QSilk: {note}" not in processed.comments:
-                    processed.comments += f"QSilk: {note}\n"
-    return report
+    return common.present_report(report, job.stabilizer, processed, "a1111")
 
 
 def cleanup_all() -> None:

@@ -447,3 +447,20 @@ def _preconditioner(p: Any, settings: Settings, notes: list[str]) -> Any:
         log.exception("QSilk: Q-Sched set-up failed")
         notes.append(f"Q-Sched not applied ({exc})")
         return None
+
+
+def present_report(report: dict, stabilizer: Stabilizer, processed: Any, host: str) -> dict:
+    """End of a job: the one-line summary in the log, and on ``processed`` the Show-maps images
+    and the run's notes (in the comments the UI shows under the gallery). Returns `report`."""
+    log.info("QSilk (%s): %d pass(es), %d evaluation(s) stabilised, %d pre-decode(s), %.3f s%s",
+             host, report["passes"], report["evaluations"], report["pre_decodes"], report["seconds"],
+             "".join(f"; {n}" for n in report["notes"]))
+    if processed is None:
+        return report
+    if stabilizer.settings.show_maps and stabilizer.last_maps and getattr(processed, "images", None):
+        append_map_images(processed, stabilizer.last_maps, processed.images[0].size)
+    if isinstance(getattr(processed, "comments", None), str):
+        for note in report["notes"]:
+            if f"QSilk: {note}" not in processed.comments:
+                processed.comments += f"QSilk: {note}\n"
+    return report

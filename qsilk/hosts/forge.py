@@ -117,17 +117,7 @@ def end_job(p: Any, job: "ForgeJob | None", processed: Any = None) -> dict | Non
     job.close()
     report = job.stabilizer.report()
     job.post_notes()
-    log.info("QSilk (%s): %d pass(es), %d evaluation(s) stabilised, %d pre-decode(s), %.3f s%s",
-             job.family, report["passes"], report["evaluations"], report["pre_decodes"], report["seconds"],
-             "".join(f"; {n}" for n in report["notes"]))
-    if processed is not None:
-        if job.settings.show_maps and job.stabilizer.last_maps and getattr(processed, "images", None):
-            common.append_map_images(processed, job.stabilizer.last_maps, processed.images[0].size)
-        if isinstance(getattr(processed, "comments", None), str):
-            for note in report["notes"]:
-                if f"QSilk: {note}" not in processed.comments:
-                    processed.comments += f"QSilk: {note}\n"
-    return report
+    return common.present_report(report, job.stabilizer, processed, job.family)
 
 
 def cleanup_all() -> None:
