@@ -311,11 +311,18 @@ class Stabilizer:
             self._clipped = self._clipped + changed
             self._seen = self._seen + seen
 
-    def report(self) -> dict[str, Any]:
-        """What the job did. Reads the device counters once (call at the end of the job)."""
+    def nonfinite_samples(self) -> int:
+        """How many samples passed through because they held NaN/Inf; notes it when any did.
+
+        Reads a device counter (one host sync): call it after a sampler run, never per step."""
         nonfinite = int(self._nonfinite.item()) if self._nonfinite is not None else 0
         if nonfinite:
-            self.note(f"{nonfinite} non-finite sample(s) (NaN/Inf) passed through unchanged")
+            self.note("non-finite values (NaN/Inf) in the denoised latent; those samples passed through unchanged")
+        return nonfinite
+
+    def report(self) -> dict[str, Any]:
+        """What the job did. Reads the device counters once (call at the end of the job)."""
+        nonfinite = self.nonfinite_samples()
         share = []
         if self._clipped is not None:
             share = (self._clipped.double() / self._seen.clamp_min(1).double()).tolist()

@@ -159,6 +159,9 @@ class Job:
             return original(*args, **kwargs)
         finally:
             self.uninstall()
+            # before the WebUI writes this batch's infotext, so a NaN pass-through is recorded there
+            self.stabilizer.nonfinite_samples()
+            self._post_notes()
 
     def install(self) -> None:
         if self.installed is not None:
@@ -350,8 +353,8 @@ class Job:
             start = offset[0]
             offset[0] = start + rows
             if start + rows > total_rows:
-                probe.mark_ambiguous("the UNet ran more rows than this evaluation has (an extra pass "
-                                     "by another extension)")
+                probe.mark_ambiguous("the probed layer saw more rows than this evaluation has, from "
+                                     "Hypertile-style tiling or an extra UNet pass by another extension")
                 return None
             # the third element names the row within the evaluation: a row computed twice (an
             # extension re-running the UNet) makes the probe drop this evaluation's map

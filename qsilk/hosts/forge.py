@@ -88,6 +88,9 @@ def start_job(p: Any, settings: Settings) -> "ForgeJob | None":
             return original(*args, **kwargs)
         finally:
             job.release()
+            # before the WebUI writes this batch's infotext, so a NaN pass-through is recorded there
+            job.stabilizer.nonfinite_samples()
+            job.post_notes()
 
     common.put_sample(p, sample)
     _LIVE_JOBS.add(job)

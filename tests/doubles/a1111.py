@@ -1063,7 +1063,9 @@ def decode_latent_batch(model, batch, target_device=None, check_for_nans=False):
     out = []
     for i in range(batch.shape[0]):
         sample = model.decode_first_stage(batch[i:i + 1])[0]
-        if check_for_nans and not torch.isfinite(sample).all():
+        # devices.test_for_nans: skipped under --disable-nan-check (shared.cmd_opts.disable_nan_check)
+        nan_check = check_for_nans and not getattr(W().shared.cmd_opts, "disable_nan_check", False)
+        if nan_check and not torch.isfinite(sample).all():
             raise RuntimeError("A tensor with NaNs was produced in VAE.")
         out.append(sample)
     return out

@@ -564,3 +564,30 @@ def test_a_webui_the_adapter_cannot_hook_runs_the_batch_without_qsilk_and_says_s
     assert torch.equal(webui.log["pixels"][-1], reference)
     assert "could not hook into this WebUI" in processed.infotexts[0]
     assert_clean(webui, before, harness.last_p)
+
+
+def test_nan_latent_passes_through_and_is_recorded_in_the_images_infotext(harness, webui):
+    """Another extension's after-CFG edit (registered at start-up, so it runs before QSilk's job-time
+    callback) puts a NaN into image 1's denoised latent on every evaluation: image 1 passes through
+    QSilk unchanged, image 0 is still stabilised, and the batch's infotext says so (the count is read
+    once after sampling, before the WebUI writes the infotext)."""
+    def poison(params):
+        params.x = params.x.clone()
+        params.x[1, 0, 0, 0] = float("nan")
+
+    seen = []
+
+    def record_inputs(params):  # runs right before QSilk's callback: what QSilk is handed
+        seen.append(params.x.clone())
+
+    webui.script_callbacks.on_cfg_after_cfg(poison)
+    webui.script_callbacks.on_cfg_after_cfg(record_inputs)
+    webui.shared.cmd_opts.disable_nan_check = True  # --disable-nan-check, else the WebUI stops at decode
+    processed = harness.txt2img(**SMALL, batch_size=2)
+    spy = only_spy()
+    assert seen and len(spy.outputs) == len(seen)
+    for x0, out in zip(seen, spy.outputs):
+        assert torch.equal(out[1].nan_to_num(7.0), x0[1].nan_to_num(7.0))  # untouched, NaN included
+    assert any(not torch.equal(out[0], x0[0]) for x0, out in zip(seen, spy.outputs))
+    assert "non-finite values (NaN/Inf)" in processed.infotexts[0]
+    assert spy.report()["nan_passthrough"] == len(seen)

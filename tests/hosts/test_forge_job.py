@@ -192,3 +192,30 @@ def test_show_maps_adds_gallery_images_and_notes_reach_the_comments(host):
     assert len(out.images) == 1 + 2  # the image, then the confidence and activity maps
     assert out.infotexts[1].startswith("QSilk map:")
     assert "QSilk: no UNet self-attention" in out.comments
+
+
+class _PoisonLike(fw.Script):
+    """Another extension's post-CFG function (registered before QSilk's) that puts a NaN into image
+    1's denoised latent on every evaluation."""
+
+    def process_before_every_sampling(self, p, enabled=True, **kwargs):
+        unet = p.sd_model.forge_objects.unet.clone()
+
+        def post_cfg_function(args):
+            denoised = args["denoised"].clone()
+            denoised[1, 0, 0, 0] = float("nan")
+            return denoised
+
+        unet.set_model_sampler_post_cfg_function(post_cfg_function)
+        p.sd_model.forge_objects.unet = unet
+
+
+@pytest.mark.parametrize("host", FAMILIES, indirect=True)
+def test_nan_latent_passes_through_and_is_recorded_in_the_images_infotext(host):
+    """Image 1's NaN sample passes through QSilk unchanged while image 0 is stabilised, and the
+    infotext the WebUI writes after sampling records it (read once per batch, not per step)."""
+    p, out = run(host, [{"preset": "Balanced"}], others=[_PoisonLike()], steps=3, batch_size=2)
+    stab = CountingStabilizer.instances[-1]
+    assert len(stab.applied) == 3 and not p.scripts.errors
+    assert "non-finite values (NaN/Inf)" in out.infotexts[0]
+    assert stab.report()["nan_passthrough"] == 3
