@@ -66,6 +66,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import load_script  # noqa: F401  (Harness uses it; shared with the Forge double)
+
 _webui: "WebUI | None" = None  # the installed double (the real WebUI is global state too)
 
 LATENT_CHANNELS = 4
@@ -1441,20 +1443,6 @@ def _input_accordion_class():
     return InputAccordion
 
 
-def load_script(root: str) -> types.ModuleType:
-    """Load ``scripts/qsilk.py`` the way ``script_loading.load_module`` does: module name = file
-    basename, extension root prepended to ``sys.path`` only while the file executes."""
-    import importlib.util
-    path = os.path.join(root, "scripts", "qsilk.py")
-    saved = list(sys.path)
-    sys.path.insert(0, root)
-    try:
-        spec = importlib.util.spec_from_file_location(os.path.basename(path), path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path[:] = saved
-    return mod
 
 
 class Harness:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import os
 import sys
 import types
@@ -47,6 +46,7 @@ import torch.nn.functional as F
 
 from . import forge_backend as fb
 from .forge_backend import FORGE_NEW, FORGE_OLD, REFORGE
+from . import load_script  # noqa: F401  (A1111's script_loading, which Forge keeps)
 
 OPT_F = 8
 
@@ -877,16 +877,3 @@ class ForgeHost:
         self.uninstall()
 
 
-def load_script(root):
-    """Load ``scripts/qsilk.py`` as ``modules/script_loading.py`` does: module name = file name,
-    the extension root on ``sys.path`` only while the file executes."""
-    path = os.path.join(root, "scripts", "qsilk.py")
-    saved = list(sys.path)
-    sys.path.insert(0, root)
-    try:
-        spec = importlib.util.spec_from_file_location(os.path.basename(path), path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path[:] = saved
-    return mod
