@@ -64,6 +64,40 @@ def _rows(v: Any, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.dim() - 1))) if v.dim() else v
 
 
+def frames_to_batch(x: torch.Tensor) -> torch.Tensor:
+    """A video latent ``(B, C, T, H, W)`` as a batch of ``B·T`` images ``(B·T, C, H, W)``.
+
+    Row ``b·T + t`` is frame t of sample b. QSilk treats each latent frame as an image: a causal
+    video VAE (Wan, and the Wan-VAE image models Qwen-Image and Anima) encodes the first frame alone
+    and every later latent frame from four, so statistics pooled over a clip would clamp frame 0
+    with the other frames' corridor.
+
+    >>> frames_to_batch(torch.arange(12.).reshape(1, 2, 3, 1, 2))[:, :, 0, 0].tolist()
+    [[0.0, 6.0], [2.0, 8.0], [4.0, 10.0]]
+    """
+    b, c, t, h, w = x.shape
+    return x.transpose(1, 2).reshape(b * t, c, h, w)
+
+
+def batch_to_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """The inverse of `frames_to_batch`: ``(B·T, C, H, W)`` back to ``(B, C, T, H, W)``."""
+    bt, c, h, w = x.shape
+    return x.reshape(bt // frames, frames, c, h, w).transpose(1, 2)
+
+
+def _frame_rows(v: Any, frames: int, batch: int) -> Any:
+    """A per-sample value (sigma, skip factor: ``(B,)`` or ``(B, 1, …)``) repeated for each frame
+    row of `frames_to_batch`; a 5-D tensor (a mask or a latent) is folded like the latent; scalars,
+    Python numbers and None pass as they are."""
+    if not isinstance(v, torch.Tensor) or v.dim() == 0:
+        return v
+    if v.dim() == 5:
+        return frames_to_batch(v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 else v)
+    if v.shape[0] == batch:
+        return v.repeat_interleave(frames, dim=0)
+    return v
+
+
 def progress(step: int, total_steps: int) -> float:
     """Progress ``i/(n−1)`` of evaluation i of n in a pass; 1.0 for a one-evaluation pass."""
     return 1.0 if total_steps <= 1 else min(1.0, max(0.0, step / (total_steps - 1)))
@@ -158,7 +192,8 @@ class Stabilizer:
         """Stabilise one evaluation's post-CFG x0 prediction (spec §4.1).
 
         Args:
-            x0: ``(B, C, H, W)`` denoised prediction, any float dtype.
+            x0: ``(B, C, H, W)`` denoised prediction, any float dtype; a video latent
+                ``(B, C, T, H, W)`` is stabilised frame by frame (`frames_to_batch`).
             step, total_steps: evaluation index i and count n in this pass (None if unknown).
             probe_map: ``(B, 1, h, w)`` normalised attention entropy of this evaluation, or None.
             sigma: this evaluation's noise level as a Python float (step-window fallback) or the
@@ -172,6 +207,10 @@ class Stabilizer:
         ps = self._pass
         if not ps.active:
             return x0
+        if x0.dim() == 5:
+            return self._per_frame(x0, lambda x, fold: self.post_cfg(
+                x, step, total_steps, fold(probe_map), sigma=fold(sigma), nmask=fold(nmask),
+                x_noisy=fold(x_noisy), c_skip=fold(c_skip), noise_sigma=fold(noise_sigma)))
         t0 = time.perf_counter()
         self.evaluations += 1
         try:
@@ -225,6 +264,12 @@ class Stabilizer:
         """
         if not self._pass.active or self.settings.pre_decode == "off":
             return latent
+        if latent.dim() == 5:
+            if self._pre_cache is not None and any(latent is t for t in self._pre_cache):
+                return self._pre_cache[1]
+            out = self._per_frame(latent, lambda x, fold: self.pre_decode(x, fold(nmask)))
+            self._pre_cache = (latent, out)
+            return out
         if self._pre_cache is not None and any(latent is t for t in self._pre_cache):  # incl. our own output
             return self._pre_cache[1]
         t0 = time.perf_counter()
@@ -241,6 +286,16 @@ class Stabilizer:
             self.pre_decodes += 1
         self._pre_cache = (latent, out)
         return out
+
+    def _per_frame(self, x: torch.Tensor, run: Callable[[torch.Tensor, Callable[[Any], Any]], torch.Tensor]
+                   ) -> torch.Tensor:
+        """Run `run` on a video latent's frames as a batch (`frames_to_batch`); `run` gets the
+        folded latent and the function that folds its per-sample arguments the same way. Returns
+        `x` itself when nothing changed."""
+        frames = x.shape[2]
+        folded = frames_to_batch(x)
+        out = run(folded, lambda v: _frame_rows(v, frames, x.shape[0]))
+        return x if out is folded else batch_to_frames(out, frames)
 
     # -- the two components ---------------------------------------------------------------
     def _runs(self, component: str, per_step: bool, window: bool) -> bool:

@@ -380,3 +380,62 @@ def test_real_core_eps_sampler_x0_equals_stabilised_x0():
     ar = a.view(-1, 1, 1, 1)
     pred_x0 = (x_t - (1 - ar).sqrt() * eps_new) / ar.sqrt()
     torch.testing.assert_close(pred_x0, x0_new, rtol=1e-4, atol=1e-4)
+
+
+# --- video latents (B, C, T, H, W): each latent frame is an image ---------------------------------
+def video(seed=0, B=2, C=16, T=3, H=12, W=10, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, T, H, W, generator=g) * scale
+    x[:, :, 0] *= 3.0  # frame 0 of a causal video VAE has statistics of its own
+    return x
+
+
+@pytest.mark.parametrize("preset", ["Gentle", "Balanced", "Crisp"])
+def test_video_latent_is_stabilised_frame_by_frame(preset):
+    """The oracle stabilises every (sample, frame) image on its own, with a fresh stabiliser."""
+    x = video()
+    s = make(preset, aqclip_mode="lite", tile=8, stride=4)
+    s.begin_pass()
+    out = s.post_cfg(x, 2, 6)
+    assert out.shape == x.shape and not torch.equal(out, x)
+    expected = torch.empty_like(x)
+    for b in range(x.shape[0]):
+        for t in range(x.shape[2]):
+            ref = make(preset, aqclip_mode="lite", tile=8, stride=4)
+            ref.begin_pass()
+            expected[b, :, t] = ref.post_cfg(x[b:b + 1, :, t].clone(), 2, 6)[0]
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    assert s.report()["evaluations"] == 1
+
+
+def test_video_latent_per_sample_arguments_follow_their_frames():
+    """A per-sample σ and a 5-D inpainting mask reach the rows of their own frames."""
+    x = video(1, B=2, T=2)
+    nmask = torch.zeros(2, 1, 2, 12, 10)
+    nmask[1, :, 1] = 1.0  # only sample 1, frame 1 may change
+    seen = {}
+
+    def preconditioner(d, x_noisy, sigma, c_skip, where):
+        seen["sigma"], seen["x_noisy"] = sigma, x_noisy
+        return d
+
+    s = Stabilizer(Settings.from_preset("Gentle"), preconditioner=preconditioner)
+    s.begin_pass()
+    out = s.post_cfg(x, 0, 4, sigma=torch.tensor([3.0, 5.0]), nmask=nmask, x_noisy=x * 2)
+    assert seen["sigma"].tolist() == [3.0, 3.0, 5.0, 5.0]  # rows b·T + t
+    torch.testing.assert_close(seen["x_noisy"][3], x[1, :, 1] * 2)
+    changed = (out != x).flatten(3).any(-1).any(1)  # (B, T)
+    assert changed.tolist() == [[False, False], [False, True]]
+
+
+def test_video_latent_pre_decode_once_and_identity_when_off():
+    x = video(2)
+    s = make("Gentle", pre_decode="always")
+    s.begin_pass()
+    out = s.pre_decode(x)
+    assert out.shape == x.shape and not torch.equal(out, x)
+    assert s.pre_decode(x) is out and s.pre_decode(out) is out  # one latent, stabilised once
+    assert s.report()["pre_decodes"] == 1
+    off = make("Gentle", step_start=0.5)  # outside the window: the very same object comes back
+    off.begin_pass()
+    assert off.post_cfg(x, 0, 10) is x
