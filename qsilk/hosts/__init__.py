@@ -22,6 +22,12 @@ A1111 = "a1111"
 FORGE_OLD = "forge_old"  # lllyasviel Forge before August 2024 (ldm_patched, Gradio 3.41)
 FORGE_NEW = "forge_new"  # lllyasviel Forge from August 2024 (backend/, Gradio 4)
 REFORGE = "reforge"  # Panchovix reForge (ldm_patched, Gradio 3.41)
+FORGE_NEO = "forge_neo"  # Haoming02 Forge Neo (backend/, Gradio 4.40; Flux, Wan, Z-Image, Qwen-Image …)
+FORGE_CLASSIC = "forge_classic"  # Haoming02 Forge Classic (ldm_patched, Gradio 3.41)
+
+#: The ``modules_forge.forge_version.version`` strings of Haoming02's two lines; they say which
+#: line it is outright (lllyasviel Forge and reForge write a number there).
+_VERSION_NAMES = {"neo": FORGE_NEO, "classic": FORGE_CLASSIC}
 
 
 def detect_host(modules: Mapping[str, Any] | None = None) -> str:
@@ -31,6 +37,9 @@ def detect_host(modules: Mapping[str, Any] | None = None) -> str:
     hosts' source (Forge main dfdcbab6, Forge tag ``previous`` bfee03d8, reForge main 3b56b268):
 
     - no ``modules_forge`` package → AUTOMATIC1111;
+    - ``modules_forge.forge_version.version`` ``"neo"`` / ``"classic"`` → Forge Neo / Forge Classic
+      (Haoming02/sd-webui-forge-classic, branches ``neo`` (release 2.26) and ``classic``
+      (``1f95d717``)): Neo has new Forge's ``backend/``, Classic old Forge's ``ldm_patched``;
     - ``backend.patcher.unet`` / ``backend.sampling.sampling_function`` /
       ``backend.diffusion_engine.base`` (Forge's ``backend/``, from August 2024) → new Forge;
     - ``ldm_patched.hooks``, or an ``ldm_patched.modules.samplers`` with ComfyUI's newer
@@ -45,6 +54,9 @@ def detect_host(modules: Mapping[str, Any] | None = None) -> str:
     mods = sys.modules if modules is None else modules
     if "modules_forge" not in mods:
         return A1111
+    named = _VERSION_NAMES.get(str(getattr(mods.get("modules_forge.forge_version"), "version", "")).lower())
+    if named is not None:
+        return named
     if any(name in mods for name in _NEW_FORGE_MARKERS):
         return FORGE_NEW
     if "ldm_patched.hooks" in mods:

@@ -4,7 +4,9 @@ The module sets below are what each host has in ``sys.modules`` when extension s
 (modules.processing and the samplers are imported by then): AUTOMATIC1111 v1.10.1 (82a973c0),
 Forge main dfdcbab6 (``backend/``), Forge tag ``previous`` bfee03d8 (``ldm_patched`` +
 ``modules_forge.forge_sampler``), reForge main 3b56b268 (``ldm_patched`` with ComfyUI's
-``calc_cond_batch`` and ``ldm_patched.hooks``, and also ``modules_forge.forge_sampler``).
+``calc_cond_batch`` and ``ldm_patched.hooks``, and also ``modules_forge.forge_sampler``), Forge Neo
+release 2.26 (new Forge's ``backend/``, ``forge_version.version = "neo"``) and Forge Classic
+1f95d717 (old Forge's ``ldm_patched`` without ``calc_cond_batch``, ``version = "classic"``).
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import types
 
 import pytest
 
-from qsilk.hosts import A1111, FORGE_NEW, FORGE_OLD, REFORGE, detect_host, load_adapter
+from qsilk.hosts import (A1111, FORGE_CLASSIC, FORGE_NEO, FORGE_NEW, FORGE_OLD, REFORGE, detect_host,
+                         load_adapter)
 
 
 def mod(name, **attrs):
@@ -62,6 +65,9 @@ def reforge(version="1.0.0v2-v1.10.1RC", hooks=True):
     (reforge(hooks=False), REFORGE),  # an older reForge: ComfyUI's calc_cond_batch is enough
     (reforge(version="2.0.0-v1.10.1RC"), REFORGE),  # reForge has shipped a 2.* version string
     (reforge(version="0.0.17v1.8.0rc"), REFORGE),  # structure wins over the version string
+    (forge_new(version="neo"), FORGE_NEO),
+    (forge_old(version="classic"), FORGE_CLASSIC),
+    (forge_old(version="Classic"), FORGE_CLASSIC),
 ])
 def test_each_family_is_recognised(modules, expected):
     assert detect_host(modules) == expected
@@ -77,7 +83,8 @@ def test_a_package_called_backend_alone_is_not_forge():
 
 
 @pytest.mark.parametrize("version,expected", [("0.0.17v1.8.0rc", FORGE_OLD), ("2.0.1v1.10.1", FORGE_NEW),
-                                              ("1.7.0-v1.10.1RC", REFORGE)])
+                                              ("1.7.0-v1.10.1RC", REFORGE), ("neo", FORGE_NEO),
+                                              ("classic", FORGE_CLASSIC)])
 def test_version_string_only_when_nothing_else_is_imported(version, expected):
     mods = {"modules_forge": mod("modules_forge"),
             "modules_forge.forge_version": mod("modules_forge.forge_version", version=version)}
@@ -91,7 +98,8 @@ def test_detection_reads_sys_modules_by_default(monkeypatch):
 
 
 @pytest.mark.parametrize("host,adapter", [(A1111, "qsilk.hosts.a1111"), (FORGE_NEW, "qsilk.hosts.forge"),
-                                          (FORGE_OLD, "qsilk.hosts.forge"), (REFORGE, "qsilk.hosts.forge")])
+                                          (FORGE_OLD, "qsilk.hosts.forge"), (REFORGE, "qsilk.hosts.forge"),
+                                          (FORGE_NEO, "qsilk.hosts.forge"), (FORGE_CLASSIC, "qsilk.hosts.forge")])
 def test_each_family_gets_its_adapter(host, adapter):
     module = load_adapter(host)
     assert module.__name__ == adapter
