@@ -1,9 +1,11 @@
-"""Forge host adapter: new Forge (``backend/``), old Forge (``ldm_patched``) and reForge.
+"""Forge host adapter: new Forge and Forge Neo (``backend/``), old Forge, Forge Classic and
+reForge (``ldm_patched``).
 
 Translates Forge's patch API into `Stabilizer` calls; it holds no math. Host facts are in
-``shared/research/forge.md`` and were checked against Forge main dfdcbab6, Forge tag ``previous``
-bfee03d8 and reForge main 3b56b268. No Forge module is imported: everything is reached through the
-job's ``p`` (duck typing), so this module also loads, and is tested, without a WebUI.
+``shared/research/forge.md`` and ``hosts-2026.md`` and were checked against Forge main dfdcbab6,
+Forge tag ``previous`` bfee03d8, reForge main 3b56b268, Forge Neo release 2.26 and Forge Classic
+1f95d717. No Forge module is imported: everything is reached through the job's ``p`` (duck
+typing), so this module also loads, and is tested, without a WebUI.
 
 What is installed, from the script's ``process_before_every_sampling`` (Forge resets
 ``p.sd_model.forge_objects`` before every pass, so earlier hooks cannot patch the UNet):
@@ -28,13 +30,16 @@ What is installed, from the script's ``process_before_every_sampling`` (Forge re
   takes the map as soon as the evaluation's own UNet calls are done, so the extra UNet passes
   SAG / PAG run from their post-CFG functions are not mixed in; more cond chunks than the
   evaluation has conds before the fence (a reference-style extra pass inside the UNet call) makes
-  that evaluation's map ambiguous: no map. Flux / SD3 / Chroma have no UNet self-attention: AQClip
-  uses Lite, with a visible note.
+  that evaluation's map ambiguous: no map. DiT models (Flux, Flux.2, SD3, Chroma, Z-Image,
+  Qwen-Image, Wan, Anima) have no UNet self-attention and Neo patches no DiT attention: AQClip uses
+  Lite there, with a visible note naming the model. Wan-VAE models on Neo (Wan, Qwen-Image, Anima)
+  sample 5-D latents ``(B, C, T, H, W)``; the `Stabilizer` treats each latent frame as an image.
 
 Family differences handled here by feature checks: ``model.predictor`` (new Forge) vs
-``model.model_sampling`` (old Forge, reForge); ``uncond_denoised`` zeros (Forge) or None (reForge)
-and ``p.uc`` None at CFG 1 (new Forge) — QSilk reads neither; the hook runs 1 + 2 (new) or 1
-(old, reForge) times for a hires pass.
+``model.model_sampling`` (old Forge, Classic, reForge); ``cond_scale`` in the post-CFG args
+(reForge, Neo) or not (the others); ``uncond_denoised`` zeros (Forge) or None (reForge) and ``p.uc``
+None at CFG 1 (new Forge, Neo) — QSilk reads none of them; the hook runs 1 + 2 (new Forge) or 1
+(the others) times for a hires pass.
 
 Forge does not catch exceptions raised in post-CFG functions (the job aborts), so every piece of
 glue here is wrapped; the `Stabilizer` never raises. Module hooks live only while ``p.sample``
@@ -180,18 +185,19 @@ class ForgeJob:
             return  # this patcher (or the one it was cloned from) already has it
         unet = unet.clone()
         unet.set_model_sampler_post_cfg_function(self.post_cfg_function)
-        if self.wants_probe and self._prepare_probe(unet):
+        if self.wants_probe and self._prepare_probe(unet, p):
             unet.set_model_attn1_patch(self.attn1_observer)
             options = unet.model_options  # the clone's own (deep-copied) dict: a new list goes first
             options["sampler_post_cfg_function"] = [self.fence_function, *options["sampler_post_cfg_function"]]
         forge_objects.unet = unet
 
-    def _prepare_probe(self, unet: Any) -> bool:
+    def _prepare_probe(self, unet: Any, p: Any) -> bool:
         """Hook the probed layer of this patcher's UNet; False (and a note) where there is none."""
         diffusion_model = getattr(getattr(unet, "model", None), "diffusion_model", None)
         found = find_probe_layer(diffusion_model) if isinstance(diffusion_model, torch.nn.Module) else None
         if found is None:
-            self.note("no UNet self-attention on this model (Flux / SD3 / Chroma): AQClip uses Lite confidence")
+            self.note(f"no UNet self-attention on this model ({model_name(p, diffusion_model)}): AQClip uses "
+                      "Lite confidence (the micro-clamp is unaffected)")
             return False
         block = transformer_block_of(found[0])
         if block is None:
@@ -232,7 +238,8 @@ class ForgeJob:
             samples = original(*args, **kwargs)
         finally:
             self._sampler = self._ev_sigmas = None
-        if self.closed or not self._pass_active or not isinstance(samples, torch.Tensor) or samples.dim() != 4:
+        if (self.closed or not self._pass_active or not isinstance(samples, torch.Tensor)
+                or samples.dim() not in (4, 5)):
             return samples
         try:
             out = self.stabilizer.pre_decode(samples, nmask=_nmask(p, sampler, samples))
@@ -509,6 +516,16 @@ def _nmask(p: Any, sampler: Any, latent: torch.Tensor) -> torch.Tensor | None:
     nmask = getattr(getattr(sampler, "model_wrap_cfg", None), "nmask", None)
     if nmask is None and p is not None and not getattr(p, "is_hr_pass", False):
         nmask = getattr(p, "nmask", None)
-    if isinstance(nmask, torch.Tensor) and nmask.dim() == 4 and nmask.shape[-2:] == latent.shape[-2:]:
+    if (isinstance(nmask, torch.Tensor) and nmask.dim() == latent.dim() in (4, 5)
+            and nmask.shape[2:] == latent.shape[2:]):
         return nmask
     return None
+
+
+def model_name(p: Any, diffusion_model: Any = None) -> str:
+    """What to call the loaded model in a note: Neo's diffusion engine class (``Flux``, ``Wan``,
+    ``ZImage``, ``QwenImage``, ``Anima``, …), else the network's class name."""
+    engine = type(getattr(p, "sd_model", None)).__name__
+    if engine not in ("NoneType", "ForgeDiffusionEngine"):
+        return engine
+    return type(diffusion_model).__name__ if diffusion_model is not None else "unknown model"

@@ -28,6 +28,16 @@ code is copied. It mirrors the signatures, data flow and call order QSilk relies
 - **reForge** main ``3b56b268``: ``ldm_patched/modules/samplers.py`` (`calc_cond_batch` then
   `cfg_function`): post-CFG args also carry ``cond_scale``; ``uncond_denoised`` is **None** when the
   uncond pass is skipped, and then ``denoised`` is the cond prediction.
+- **Forge Neo** release 2.26 (Haoming02's ``neo`` line, read in the copy exo101/sd-webui-forge-neo-v3
+  ``5692d2d1``, ``webui/``): new Forge's ``backend/`` — ``backend/sampling/sampling_function.py``
+  `sampling_function_inner` builds the post-CFG args as ComfyUI does, *with* ``cond_scale``
+  (``denoised, cond, uncond, cond_scale, model, uncond_denoised, cond_denoised, sigma,
+  model_options, input``); a skipped uncond leaves zeros; the helper is ``model.predictor``. Its DiT
+  families (``backend/diffusion_engine/``: Flux, Flux.2, Z-Image, Chroma, Qwen-Image, Wan, Anima)
+  take no attention patch; the Wan-VAE ones (``is_wan``: Wan, Qwen-Image, Anima) sample 5-D
+  latents ``(B, C, T, H, W)`` (``modules/processing.py``: ``(C, T, H/8, W/8)`` per sample).
+- **Forge Classic** branch ``classic`` ``1f95d717``: old Forge's ``ldm_patched`` — the post-CFG args
+  have **no** ``cond_scale``; the helper is ``model.model_sampling``.
 
 Conditions are simplified to ``{"c_crossattn": tensor (B, T, D), "strength": w}`` dicts; the
 attention is real (multi-head softmax), so the entropy probe sees real q/k.
@@ -42,6 +52,11 @@ import torch.nn.functional as F
 from torch import nn
 
 FORGE_NEW, FORGE_OLD, REFORGE = "forge_new", "forge_old", "reforge"
+FORGE_NEO, FORGE_CLASSIC = "forge_neo", "forge_classic"
+#: Families built on ``backend/`` (helper ``model.predictor``); the others use ``ldm_patched``.
+BACKEND_FAMILIES = (FORGE_NEW, FORGE_NEO)
+#: Families whose post-CFG args carry ``cond_scale``.
+COND_SCALE_IN_POST_CFG = (REFORGE, FORGE_NEO)
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,6 +373,31 @@ class TinyUNet(nn.Module):
         return self.out(h)
 
 
+class TinyVideoDiT(nn.Module):
+    """A DiT-like video model on ``(B, C, T, H, W)`` latents (Wan; the image models on Wan's VAE
+    run the same shape with T = 1): 1×2×2 patches, attention over every frame's tokens, and it
+    ignores ``transformer_options`` (no attention patch reaches a DiT in Neo)."""
+
+    def __init__(self, in_channels=16, ch=32, seed=0):
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.patch_embedding = nn.Linear(in_channels * 4, ch)
+            self.blocks = nn.ModuleList([nn.TransformerEncoderLayer(ch, 4, ch * 2, 0.0, batch_first=True)])
+            self.head = nn.Linear(ch, in_channels * 4)
+            self.head.weight.data.mul_(0.1)
+
+    def forward(self, x, timesteps, context=None, transformer_options=None, **kwargs):
+        b, c, t, h, w = x.shape
+        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
+        tokens = F.pixel_unshuffle(frames, 2).flatten(2).transpose(1, 2).reshape(b, -1, c * 4)
+        tokens = self.patch_embedding(tokens) + timesteps.float()[:, None, None]
+        for block in self.blocks:
+            tokens = block(tokens)
+        out = self.head(tokens).reshape(b * t, -1, c * 4).transpose(1, 2).reshape(b * t, c * 4, h // 2, w // 2)
+        return F.pixel_shuffle(out, 2).reshape(b, t, c, h, w).transpose(1, 2)
+
+
 class TinyFlux(nn.Module):
     """A 16-channel DiT-like model: no ``output_blocks``, ignores ``transformer_options`` (as
     ``backend/nn/flux.py`` does), so no attention patch reaches it."""
@@ -392,7 +432,7 @@ class KModel(nn.Module):
         super().__init__()
         self.diffusion_model = diffusion_model
         self.family = family
-        helper = "predictor" if family == FORGE_NEW else "model_sampling"
+        helper = "predictor" if family in BACKEND_FAMILIES else "model_sampling"
         setattr(self, helper, prediction)
         self.helper_name = helper
         #: chunks of B rows batched into one UNet call at most (Forge batches by free memory)
@@ -480,7 +520,7 @@ def sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_
         args = {"denoised": cfg_result, "cond": cond, "uncond": uncond if not reforge else uncond_, "model": model,
                 "uncond_denoised": uncond_pred, "cond_denoised": cond_pred, "sigma": timestep,
                 "model_options": model_options, "input": x}
-        if reforge:
+        if getattr(model, "family", None) in COND_SCALE_IN_POST_CFG:
             args["cond_scale"] = cond_scale
         cfg_result = fn(args)
     if return_full:

@@ -27,6 +27,13 @@ It mirrors the call order an always-on script sees:
   ``p.uc`` is always a tensor.
 - **reForge** main ``3b56b268``: hires pass is reset, ``before_hr``, one hook call; "Skip Early
   CFG" / NGMS call the sampling function with ``uncond=None`` and scale 1.
+- **Forge Neo** release 2.26 (exo101/sd-webui-forge-neo-v3 ``5692d2d1``, ``webui/modules/processing.py``):
+  new Forge's flow, but the hires pass is ``before_hr``, reset, **one** hook call; ``uc`` / ``hr_uc``
+  None at CFG 1 (``hr_cfg`` defaults to 1); Wan-VAE models (``sd_model.is_wan``) sample latents of
+  shape ``(C, T, H/8, W/8)`` per sample and decode each latent frame to images.
+  ``modules/ui_components.py``: ``InputAccordion`` is a factory function, as in new Forge.
+- **Forge Classic** ``1f95d717``: old Forge's flow (``before_hr``, reset, one hook call; ``p.uc``
+  always a tensor); ``InputAccordion`` is the class.
 
 The k-diffusion samplers (Euler; Heun, two evaluations per step) follow k-diffusion's algorithms.
 The VAE is a fixed linear map with an 8× factor.
@@ -45,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from . import forge_backend as fb
-from .forge_backend import FORGE_NEW, FORGE_OLD, REFORGE
+from .forge_backend import BACKEND_FAMILIES, FORGE_CLASSIC, FORGE_NEO, FORGE_NEW, FORGE_OLD, REFORGE
 from . import load_script  # noqa: F401  (A1111's script_loading, which Forge keeps)
 
 OPT_F = 8
@@ -98,6 +105,8 @@ class TinyVAE:
 
     def decode(self, latent):
         self.decoded.append(latent.detach().clone())
+        if latent.dim() == 5:  # Wan VAE: every latent frame decodes to images (here: one each)
+            latent = latent.transpose(1, 2).flatten(0, 1)
         rgb = torch.einsum("oc,bchw->bohw", self.weight, latent.float())
         return torch.tanh(F.interpolate(rgb, scale_factor=OPT_F, mode="nearest"))
 
@@ -110,7 +119,8 @@ class TinyVAE:
 class SdModel:
     """``shared.sd_model``: holds ``forge_objects`` and the three copies Forge resets from."""
 
-    def __init__(self, unet_patcher, vae):
+    def __init__(self, unet_patcher, vae, is_wan=False):
+        self.is_wan = is_wan  # Neo: 5-D latents (B, C, T, H, W)
         self.forge_objects_original = ForgeObjects(unet_patcher, vae)
         self.forge_objects = self.forge_objects_original.shallow_copy()
         self.forge_objects_after_applying_lora = self.forge_objects_original.shallow_copy()
@@ -120,18 +130,33 @@ class SdModel:
         return self.forge_objects_original.vae.latent_channels
 
 
+#: Neo's DiT families (``backend/diffusion_engine/*.py``): latent channels and whether the latent
+#: is 5-D (Wan's VAE, ``is_wan``). All are flow models ("const"). Flux.2's VAE gives 128 channels
+#: (32 channels, 2×2-packed); the 8× pixel factor of the double is kept for every family.
+DIT_FAMILIES = {"flux": (16, False), "flux2": (128, False), "zimage": (16, False), "chroma": (16, False),
+                "qwen": (16, True), "wan": (16, True), "anima": (16, True)}
+#: Neo's engine class per kind (``backend/diffusion_engine/*.py``): what ``shared.sd_model`` is.
+ENGINE_NAMES = {"sd15": "StableDiffusion", "sdxl": "StableDiffusionXL", "flux": "Flux", "flux2": "Flux2",
+                "zimage": "ZImage", "chroma": "Chroma", "qwen": "QwenImage", "wan": "Wan", "anima": "Anima"}
+
+
 def make_model(family=FORGE_NEW, kind="sd15", prediction_type="epsilon", seed=0):
     """A Forge model: ``kind`` 'sd15' (attention at latent/1 and /2), 'sdxl' (latent/2 only,
-    transformer depth 2) or 'flux' (16 channels, no UNet, flow prediction)."""
-    if kind == "flux":
-        net, channels, prediction_type = fb.TinyFlux(seed=seed), 16, "const"
+    transformer depth 2), or one of `DIT_FAMILIES` (no UNet, flow prediction; 'qwen', 'wan' and
+    'anima' on 5-D latents)."""
+    is_wan = False
+    if kind in DIT_FAMILIES:
+        channels, is_wan = DIT_FAMILIES[kind]
+        net = fb.TinyVideoDiT(channels, seed=seed) if is_wan else fb.TinyFlux(channels, seed=seed)
+        prediction_type = "const"
     elif kind == "sdxl":
         net, channels = fb.TinyUNet(attention_levels=(1,), depth=2, heads=5, seed=seed), 4
     else:
         net, channels = fb.TinyUNet(attention_levels=(0, 1), heads=4, seed=seed), 4
     net.eval().requires_grad_(False)
     model = fb.KModel(net, fb.Prediction(prediction_type), family=family)
-    return SdModel(fb.UnetPatcher(model), TinyVAE(channels))
+    engine = type(ENGINE_NAMES[kind], (SdModel,), {})
+    return engine(fb.UnetPatcher(model), TinyVAE(channels), is_wan=is_wan)
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,6 +490,7 @@ class Processing:
     denoising_strength: float = 0.6
     refiner: Any = None  # an SdModel to switch to inside the denoiser
     refiner_switch_at: float = 0.5
+    frames: int = 1  # latent frames T of a Wan-VAE model's (C, T, H, W) latent
     is_hr_pass: bool = dataclasses.field(default=False, init=False)
 
     def __post_init__(self):
@@ -479,7 +505,7 @@ class Processing:
 
     def conds(self, prompt, negative, cfg):
         c = [(text_embedding(part.strip(), self.batch_size), 1.0) for part in prompt.split(" AND ")]
-        if self.family == FORGE_NEW and cfg == 1:
+        if self.family in BACKEND_FAMILIES and cfg == 1:
             return c, None
         return c, text_embedding(negative, self.batch_size)
 
@@ -491,7 +517,10 @@ class Processing:
 
     @property
     def latent_shape(self):
-        return (self.sd_model.latent_channels, self.height // OPT_F, self.width // OPT_F)
+        size = (self.height // OPT_F, self.width // OPT_F)
+        if getattr(self.sd_model, "is_wan", False):
+            return (self.sd_model.latent_channels, self.frames, *size)
+        return (self.sd_model.latent_channels, *size)
 
 
 @dataclass
@@ -527,7 +556,8 @@ class Txt2Img(Processing):
         self.sampler = create_sampler(self.hr_sampler_name or self.sampler_name, self.sd_model)
         th, tw = int(self.height * self.hr_scale) // OPT_F, int(self.width * self.hr_scale) // OPT_F
         if self.hr_upscaler == "Latent":
-            samples = F.interpolate(samples, size=(th, tw), mode="bilinear")
+            size = (samples.shape[2], th, tw) if samples.dim() == 5 else (th, tw)
+            samples = F.interpolate(samples, size=size, mode="trilinear" if samples.dim() == 5 else "bilinear")
         else:
             images = F.interpolate(decoded, size=(th * OPT_F, tw * OPT_F), mode="bilinear")
             samples = self.sd_model.forge_objects.vae.encode(images)
@@ -539,7 +569,7 @@ class Txt2Img(Processing):
             hook()
             self.reset_forge_objects()
             hook()
-        elif self.family == FORGE_OLD:
+        elif self.family in (FORGE_OLD, FORGE_NEO, FORGE_CLASSIC):
             self.scripts.before_hr(self)
             self.reset_forge_objects()
             hook()
@@ -755,6 +785,12 @@ FAMILY_MODULES = {
     REFORGE: {"modules_forge.forge_version": {"version": "1.0.0v2-v1.10.1RC"}, "modules_forge.forge_sampler": {},
               "modules_forge.unet_patcher": {}, "ldm_patched": {}, "ldm_patched.modules": {}, "ldm_patched.hooks": {},
               "ldm_patched.modules.samplers": {"calc_cond_batch": fb.calc_cond_uncond_batch}},
+    FORGE_NEO: {"modules_forge.forge_version": {"version": "neo", "release": "2.26"}, "backend": {},
+                "backend.patcher": {}, "backend.patcher.unet": {}, "backend.sampling": {},
+                "backend.sampling.sampling_function": {}, "backend.diffusion_engine.base": {}},
+    FORGE_CLASSIC: {"modules_forge.forge_version": {"version": "classic"}, "modules_forge.forge_sampler": {},
+                    "modules_forge.unet_patcher": {}, "ldm_patched": {}, "ldm_patched.modules": {},
+                    "ldm_patched.modules.samplers": {"calc_cond_uncond_batch": fb.calc_cond_uncond_batch}},
 }
 
 
@@ -800,7 +836,7 @@ def _define_input_accordion(gr, family):
         def __exit__(self, *exc):
             self.accordion.__exit__(*exc)
 
-    if family == FORGE_NEW:
+    if family in BACKEND_FAMILIES:
         def InputAccordion(value=None, **kwargs):
             return InputAccordionImpl(value=value, setup=True, **kwargs)
         return InputAccordion

@@ -2,7 +2,7 @@
 
 The script is loaded the way Forge loads it, with the family's modules in ``sys.modules``
 (tests/doubles/forge_webui.py `ForgeHost`: new Forge main dfdcbab6, old Forge tag ``previous``
-bfee03d8, reForge main 3b56b268), and driven through the double's processing flow with API-style
+bfee03d8, reForge main 3b56b268, Forge Neo release 2.26, Forge Classic 1f95d717), and driven through the double's processing flow with API-style
 arguments (one dict). Other Forge extensions (SAG/PAG-like) run in the same job.
 """
 from __future__ import annotations
@@ -18,14 +18,15 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from doubles import forge_webui as fw  # noqa: E402
-from doubles.forge_backend import FORGE_NEW, FORGE_OLD, REFORGE  # noqa: E402
+from doubles.forge_backend import (BACKEND_FAMILIES, FORGE_CLASSIC, FORGE_NEO, FORGE_NEW, FORGE_OLD,  # noqa: E402
+                                   REFORGE)
 
 from qsilk.hosts import forge  # noqa: E402
 from qsilk.hosts import common  # noqa: E402
 from qsilk.settings import INFOTEXT_KEY, Settings  # noqa: E402
 from qsilk.stabilizer import Stabilizer  # noqa: E402
 
-FAMILIES = (FORGE_NEW, FORGE_OLD, REFORGE)
+FAMILIES = (FORGE_NEW, FORGE_OLD, REFORGE, FORGE_NEO, FORGE_CLASSIC)
 
 
 @pytest.fixture(autouse=True)
@@ -125,7 +126,7 @@ def test_off_is_bit_identical_and_writes_nothing(host):
                for f in p1.sd_model.forge_objects.unet.model_options.get("sampler_post_cfg_function", []))
 
 
-@pytest.mark.parametrize("host", [FORGE_NEW], indirect=True)
+@pytest.mark.parametrize("host", [FORGE_NEW, FORGE_NEO, FORGE_CLASSIC], indirect=True)
 def test_bad_argument_fails_the_request_with_the_field_named(host):
     with pytest.raises(ValueError, match=r"tile must be 4\.\.256"):
         run(host, [{"tile": 999}], steps=2)
@@ -140,7 +141,7 @@ def test_flux_like_model_runs_with_lite_and_says_so(host):
     assert torch.isfinite(torch.stack(out.samples)).all()
 
 
-@pytest.mark.parametrize("host", [FORGE_NEW, REFORGE], indirect=True)
+@pytest.mark.parametrize("host", [FORGE_NEW, REFORGE, FORGE_NEO, FORGE_CLASSIC], indirect=True)
 def test_img2img_and_inpaint_batch_count(host):
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., 4:] = 1.0
@@ -152,8 +153,8 @@ def test_img2img_and_inpaint_batch_count(host):
 
 @pytest.mark.parametrize("host", FAMILIES, indirect=True)
 def test_ui_builds_with_the_familys_input_accordion(host):
-    """New Forge's InputAccordion is a factory function, old Forge's / reForge's a class; the
-    controls build under the installed Gradio (3.41 here; CI also runs this under 4.40)."""
+    """New Forge's and Neo's InputAccordion is a factory function, old Forge's / Classic's / reForge's
+    a class; the controls build under the installed Gradio (3.41 here; CI also runs this under 4.40)."""
     import gradio as gr
     expected = os.environ.get("QSILK_EXPECT_GRADIO")  # set by .ci/ui_gradio4.sh
     if expected:
@@ -165,7 +166,7 @@ def test_ui_builds_with_the_familys_input_accordion(host):
     assert len(components) == len(Settings.from_preset("Balanced").to_args())
     assert components[0].value is True  # the header checkbox is the on/off switch
     accordion = mod._InputAccordion
-    assert (accordion.__class__.__name__ == "function") == (h.family == FORGE_NEW)  # factory vs class
+    assert (accordion.__class__.__name__ == "function") == (h.family in BACKEND_FAMILIES)  # factory vs class
     assert "sorting_priority" in vars(mod.QSilkScript)  # Forge's accordion order; A1111 ignores it
 
 
@@ -219,3 +220,12 @@ def test_nan_latent_passes_through_and_is_recorded_in_the_images_infotext(host):
     assert len(stab.applied) == 3 and not p.scripts.errors
     assert "non-finite values (NaN/Inf)" in out.infotexts[0]
     assert stab.report()["nan_passthrough"] == 3
+
+
+@pytest.mark.parametrize("host", FAMILIES, indirect=True)
+def test_the_log_line_names_the_host_family(host, caplog):
+    h, _ = host
+    with caplog.at_level("INFO", logger="qsilk"):
+        run(host, [{"preset": "Balanced"}], steps=2)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("QSilk (")]
+    assert lines and lines[-1].startswith(f"QSilk ({h.family}): 1 pass(es), 2 evaluation(s)"), lines

@@ -1,7 +1,7 @@
 """The Forge adapter against the Forge doubles (tests/doubles/forge_backend.py, forge_webui.py).
 
-New Forge (main dfdcbab6), old Forge (tag ``previous`` bfee03d8) and reForge (main 3b56b268)
-flows. A thin stand-in for the script calls the adapter exactly where ``scripts/qsilk.py`` does
+New Forge (main dfdcbab6), old Forge (tag ``previous`` bfee03d8), reForge (main 3b56b268), Forge
+Neo (release 2.26) and Forge Classic (1f95d717) flows. A thin stand-in for the script calls the adapter exactly where ``scripts/qsilk.py`` does
 (``process`` → `start_job`, ``process_before_every_sampling`` → `before_every_sampling`,
 ``before_hr`` → `before_hr`, ``postprocess`` → `end_job`); whole jobs through the real script are
 in test_forge_job.py. A spy subclass of the real `Stabilizer` records what the adapter passed.
@@ -19,7 +19,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from doubles import forge_backend as fb  # noqa: E402
 from doubles import forge_webui as fw  # noqa: E402
-from doubles.forge_backend import FORGE_NEW, FORGE_OLD, REFORGE  # noqa: E402
+from doubles.forge_backend import (BACKEND_FAMILIES, FORGE_CLASSIC, FORGE_NEO, FORGE_NEW, FORGE_OLD,  # noqa: E402
+                                   REFORGE)
 
 from qsilk.hosts import forge  # noqa: E402
 from qsilk.hosts import common  # noqa: E402
@@ -27,7 +28,7 @@ from qsilk.probe import entropy_map, find_probe_layer, upsample_to_latent  # noq
 from qsilk.settings import Settings  # noqa: E402
 from qsilk.stabilizer import Stabilizer  # noqa: E402
 
-FAMILIES = (FORGE_NEW, FORGE_OLD, REFORGE)
+FAMILIES = (FORGE_NEW, FORGE_OLD, REFORGE, FORGE_NEO, FORGE_CLASSIC)
 
 
 @pytest.fixture(autouse=True)
@@ -195,7 +196,7 @@ def test_repeated_hook_calls_do_not_stack(family):
 def test_hires_job_begins_each_pass_once(family):
     p, _, qs = run_job(family, enable_hr=True, hr_scale=2.0, steps=3, sampler_name="Euler")
     hooks = p.scripts.hook_calls.count("process_before_every_sampling")
-    assert hooks == (3 if family == FORGE_NEW else 2)  # new Forge: 1 + 2; old Forge, reForge: 1 + 1
+    assert hooks == (3 if family == FORGE_NEW else 2)  # new Forge: 1 + 2; the others: 1 + 1
     spy = SpyStabilizer.instances[-1]
     assert [a["is_hires"] for a in spy.pass_args] == [False, True]
     assert spy.passes == 2
@@ -312,7 +313,7 @@ def test_cfg1_and_hires_cfg1_stabilise_every_evaluation_with_cond_rows(family):
         assert all(u is None for u in seen)
     else:
         assert all(torch.count_nonzero(u) == 0 for u in seen)
-    if family == FORGE_NEW:
+    if family in BACKEND_FAMILIES:
         assert p.uc is None and p.hr_uc is None
 
 
