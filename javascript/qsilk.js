@@ -28,6 +28,6 @@
         onUiLoaded(decorate);
     }
     if (typeof onAfterUiUpdate === "function") {
-        onAfterUiUpdate(decorate);  // the hint follows the chosen preset
+        onAfterUiUpdate(decorate);  // the hint follows the values set
     }
 })();

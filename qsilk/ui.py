@@ -8,15 +8,17 @@ nothing and the core stays free of UI dependencies.
 
 Layout: one accordion whose header checkbox is the on/off switch (the WebUI's ``InputAccordion``,
 passed in as `accordion`), then the preset, the two placement switches users ask about most
-("Hires pass", "Before decode"), and one closed sub-accordion per group. The returned components
-are in `PARAMS` order whatever the layout, because that order is the script's argument order.
+("Hires pass", "Before decode"), a one-line summary of what the values set do (`describe_values`),
+and one closed sub-accordion per group. The returned components are in `PARAMS` order whatever
+the layout, because that order is the script's argument order.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from .settings import PARAM_BY_NAME, PARAMS, PRESET_PARAMS, PRESETS, Param
+from .settings import (DEFAULT_PRESET, PARAM_BY_NAME, PARAMS, PRESET_PARAMS, PRESETS, Param, Settings,
+                       SettingsError)
 
 #: Sub-accordion titles by parameter group (group "main" and the two top-row switches sit above).
 GROUP_TITLES = {
@@ -56,18 +58,71 @@ def preset_values(name: str) -> list[Any]:
     return [preset[k] for k in PRESET_PARAMS]
 
 
+#: Every control the summary line reads: all parameters but the on/off switch and debug output.
+SUMMARY_PARAMS: tuple[str, ...] = tuple(p.name for p in PARAMS if p.name != "enabled" and p.group != "debug")
+_PLACEMENT_WORDS = {"per_step": "every step", "per_pass": "once per pass"}
+_MAX_CHANGES = 3  # listed by name in the summary line; the rest are counted
+
+
+def describe_values(values: Mapping[str, Any]) -> str:
+    """One line saying what the set values do: what runs, and what differs from the named preset.
+
+    Pure function of the control values (`values`: parameter name → value; missing ones are the
+    named preset's). "Changed from the preset" lists exactly what infotext would record besides
+    the preset name (`Settings.overrides`); values the job would refuse give the job's message.
+    """
+    name = values.get("preset", DEFAULT_PRESET)
+    try:
+        given = {k: v for k, v in values.items() if k in PARAM_BY_NAME and k != "preset"}
+        s = Settings.from_preset(name, **given)
+    except SettingsError as error:
+        return f"**{name}**: ⚠ {str(error).removeprefix('QSilk: ')}"
+    changed = {k: v for k, v in s.overrides().items() if k in PRESET_PARAMS}
+    parts = _running_parts(s)
+    line = f"**{s.preset} (modified)**: " if changed else f"**{s.preset}**: "
+    line += "; ".join(parts) if parts else "does nothing (no hook is installed)"
+    if changed:
+        base = PRESETS[s.preset]
+        shown = [f"*{PARAM_BY_NAME[k].label}* {_word(base[k])} → {_word(v)}" for k, v in changed.items()]
+        if len(shown) > _MAX_CHANGES:
+            shown = shown[:_MAX_CHANGES] + [f"+{len(shown) - _MAX_CHANGES} more"]
+        line += " — changed from the preset: " + ", ".join(shown)
+        same = [n for n, v in PRESETS.items() if all(getattr(s, k) == v[k] for k in PRESET_PARAMS)]
+        if same:
+            line += f" (the same as {same[0]})"
+    return line + "."
+
+
 def describe_preset(name: str) -> str:
-    """One line saying what a preset turns on, derived from its values."""
-    v = PRESETS[PARAM_BY_NAME["preset"].coerce(name)]
+    """The summary line of a preset's own values (what choosing it shows)."""
+    return describe_values({"preset": name})
+
+
+def _running_parts(s: Settings) -> list[str]:
+    """What the settings turn on, one short phrase per component."""
     parts = []
-    if v["qsilk_enabled"]:
-        parts.append(f"micro-clamp {v['qsilk_shape']} {v['q_lo']:g}–{v['q_hi']:g} ({v['qsilk_placement']})")
-    if v["aqclip_enabled"]:
-        parts.append(f"AQClip {v['aqclip_variant']} variant, {v['aqclip_mode']} confidence, "
-                     f"tile {v['tile']}/{v['stride']} ({v['aqclip_placement']})")
-    if not parts:
-        return f"**{name}**: does nothing (no hook is installed)."
-    return f"**{name}**: " + "; ".join(parts) + "."
+    if s.qsilk_enabled:
+        parts.append(f"micro-clamp {s.qsilk_shape} {_word(s.q_lo)}–{_word(s.q_hi)} ({_when(s.qsilk_placement)})")
+    if s.aqclip_enabled:
+        parts.append(f"AQClip {s.aqclip_variant}, {s.aqclip_mode} confidence, tile {s.tile}/{s.stride}, "
+                     f"tail {_word(100 * s.p_wide)} %–{_word(100 * s.p_narrow)} % ({_when(s.aqclip_placement)})")
+    if s.qsched == "ramp":
+        parts.append(f"Q-Sched ramp c_x {_word(s.qsched_cx)}, c_F {_word(s.qsched_cf)}")
+    elif s.qsched != "off":
+        parts.append(f"Q-Sched {s.qsched} {s.qsched_file}" + (", per-σ targets" if s.qsched_thresholds else ""))
+    return parts
+
+
+def _when(placement: str) -> str:
+    return _PLACEMENT_WORDS.get(placement, placement)
+
+
+def _word(v: Any) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, float):
+        return format(v, "g")
+    return str(v)
 
 
 def is_expanding(values: dict[str, Any]) -> bool:
@@ -127,7 +182,7 @@ def build_controls(gr: Any, *, enabled: bool, values: dict[str, Any],
         with gr.Row():
             for name in TOP_ROW:
                 by_name[name] = _component(gr, PARAM_BY_NAME[name], values[name], elem_id)
-        preset_hint = gr.Markdown(describe_preset(values["preset"]), elem_id=elem_id("preset_hint"),
+        preset_hint = gr.Markdown(describe_values(values), elem_id=elem_id("preset_hint"),
                                   elem_classes=["qsilk-hint"])
         warning = gr.Markdown(EXPANDING_WARNING, visible=is_expanding(values), elem_id=elem_id("warning"),
                               elem_classes=["qsilk-warning"])
@@ -158,7 +213,16 @@ def _wire_events(gr: Any, by_name: dict[str, Any], preset_hint: Any, warning: An
     # `.input` fires on user choice only: pasting infotext sets the preset AND every control, and
     # a `.change` handler would then overwrite the pasted values with the preset's.
     preset.input(fn=preset_values, inputs=[preset], outputs=filled, show_progress=False)
-    preset.change(fn=describe_preset, inputs=[preset], outputs=[preset_hint], show_progress=False)
+
+    # The summary line describes the values set, so it follows every control it reads: `.change`
+    # also fires when the preset fills the controls and when infotext is pasted.
+    described = [by_name[n] for n in SUMMARY_PARAMS]
+
+    def summary_update(*vals: Any) -> str:
+        return describe_values(dict(zip(SUMMARY_PARAMS, vals)))
+
+    for component in described:
+        component.change(fn=summary_update, inputs=described, outputs=[preset_hint], show_progress=False)
 
     watched_names = ("qsilk_shape", "qsilk_alpha", "aqclip_shape", "aqclip_alpha", "aqclip_variant")
     watched = [by_name[n] for n in watched_names]
@@ -199,7 +263,7 @@ def labels() -> list[str]:
     for p in PARAMS:
         strings += [p.label, p.help]
     strings += list(GROUP_TITLES.values()) + ["Enable QSilk", EXPANDING_WARNING, QUANT_REFRESH]
-    strings += [describe_preset(name) for name in PRESETS]
+    strings += [describe_preset(name) for name in PRESETS]  # other summary lines are composed
     return list(dict.fromkeys(strings))
 
 

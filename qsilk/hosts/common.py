@@ -124,12 +124,19 @@ def settings_from_script_args(args: Sequence[Any], ui_default_preset: str = DEFA
 
     An API request ``{"args": [{"tile": 48}]}`` reaches the script as ``(dict, <ui default>, …)``:
     the WebUI copies only as many values as the request sends and keeps the ``ui()`` defaults for
-    the rest, so a dict in the first position wins and the trailing defaults are ignored.
+    the rest, so a dict in the first position wins and the trailing defaults are ignored. Those
+    defaults are never dicts, so a second dict (``[{"enabled": true}, {"preset": "Gentle"}]``) is
+    the client's and is refused rather than silently dropped.
     Only API requests (`is_api`) get the short positional form ``[true, "Crisp"]``; the UI always
     sends every value, and they are taken as given (see `Settings.from_args`).
     Raises `SettingsError` (message names the field and its allowed range).
     """
     args = list(args)
+    dicts = [a for a in args if isinstance(a, Mapping)]
+    if len(dicts) > 1:
+        import json
+        example = json.dumps({k: v for d in dicts for k, v in d.items()}, default=str, skipkeys=True)
+        raise SettingsError(f"QSilk: send one argument dict, e.g. [{example}] — got {len(dicts)} dicts")
     if args and isinstance(args[0], Mapping):
         return Settings.from_api(args[0])
     if any(isinstance(a, Mapping) for a in args):

@@ -94,6 +94,14 @@ def test_pasting_an_image_made_without_qsilk_turns_it_off(harness, webui):
     assert values[1:] == [None] * (len(PARAMS) - 1)  # the other controls stay as they are
 
 
+def test_panel_summary_shows_pasted_values(harness):
+    """Issue #9: after pasting ``tile=48`` the summary line under the preset said "tile 32/16"."""
+    from qsilk import ui
+    values = paste(harness.script.infotext_fields, {"QSilk": "v=1; preset=Balanced; tile=48"})
+    line = ui.describe_values(dict(zip([p.name for p in PARAMS], values)))
+    assert "tile 48/16" in line and line.startswith("**Balanced (modified)**")
+
+
 def test_unreadable_infotext_leaves_controls_alone(harness):
     values = paste(harness.script.infotext_fields, {"QSilk": "v=99; preset=Balanced"})
     assert values[0] is True and values[1:] == [None] * (len(PARAMS) - 1)
@@ -220,6 +228,20 @@ def test_ui_values_win_over_the_api_short_form(harness, webui):
 def test_api_dict_elsewhere_is_an_error():
     with pytest.raises(ValueError, match="argument dict must be the first"):
         common.settings_from_script_args([True, {"tile": 40}], "Balanced")
+
+
+def test_two_api_dicts_fail_the_job_saying_how_to_send_one(harness, webui):
+    """The WebUI pads the request's args with the ui() defaults, never dicts: a second dict is the
+    client's, and dropping it silently would run without the preset it names."""
+    with pytest.raises(ValueError) as info:
+        harness.txt2img([{"enabled": True}, {"preset": "Gentle"}], **SMALL)
+    assert ('QSilk: send one argument dict, e.g. [{"enabled": true, "preset": "Gentle"}] — got 2 dicts'
+            in str(info.value))
+    assert webui.log["evaluations"] == 0  # nothing ran without QSilk either
+    assert common.job_of(harness.last_p) is None
+    # the one dict it asks for, padded with the ui() defaults like every API request, runs
+    processed = harness.txt2img([{"enabled": True, "preset": "Gentle"}], **SMALL)
+    assert parse_infotext(processed.infotexts[0])["QSilk"] == "v=1; preset=Gentle"
 
 
 # -- show maps -----------------------------------------------------------------------------------

@@ -128,11 +128,95 @@ def test_warning_shows_for_expanding_shapes():
     assert controls.warning.visible is False
 
 
-def test_preset_descriptions_follow_the_values():
-    assert "does nothing" in ui.describe_preset("Off")
+def _inputs(blocks, fn):
+    """The input component ids of the events whose handler is `fn` (one list per event)."""
+    fns = list(blocks.fns.values()) if isinstance(blocks.fns, dict) else list(blocks.fns)
+    deps = getattr(blocks, "dependencies", None)
+    return [list(deps[i]["inputs"]) if deps is not None else [c._id for c in block_fn.inputs]
+            for i, block_fn in enumerate(fns) if block_fn.fn is fn]
+
+
+def _summary_handler(blocks, controls):
+    """The handler that writes the summary line; asserts it follows every control it reads."""
+    hint = controls.preset_hint._id
+    events = [(handler, targets) for handler, targets, outputs in _events(blocks) if outputs == [hint]]
+    handlers = {handler for handler, _ in events}
+    assert len(handlers) == 1
+    handler = handlers.pop()
+    described = [controls.by_name[n]._id for n in ui.SUMMARY_PARAMS]
+    assert sorted(t for _, targets in events for t in targets) == sorted((i, "change") for i in described)
+    assert all(inputs == described for inputs in _inputs(blocks, handler))
+    return handler
+
+
+def _body(line):
+    return line.split(":", 1)[1]
+
+
+def test_summary_follows_a_pasted_value():
+    """Pasting ``tile=48`` sets the controls, not the preset: the line must show the values set."""
+    blocks, controls = _build()
+    handler = _summary_handler(blocks, controls)
+    pasted = Settings.from_infotext("Steps: 20, QSilk: v=1; preset=Balanced; tile=48").as_dict()
+    line = handler(*[pasted[n] for n in ui.SUMMARY_PARAMS])
+    assert line == ui.describe_values(pasted)
+    assert "tile 48/16" in line and "tile 32" not in line
+    assert line.startswith("**Balanced (modified)**") and f"*{PARAM_BY_NAME['tile'].label}* 32 → 48" in line
+    # the preset filling the controls again gives the preset's own line
+    assert handler(*[Settings.from_preset("Balanced").as_dict()[n] for n in ui.SUMMARY_PARAMS]) == \
+        ui.describe_preset("Balanced") == controls.preset_hint.value
+
+
+def test_every_preset_reads_differently():
+    lines = {name: ui.describe_preset(name) for name in PRESETS}
+    for name, line in lines.items():
+        assert line.startswith(f"**{name}**: ") and "modified" not in line and "changed" not in line
+    bodies = [_body(line) for line in lines.values()]
+    assert len(set(bodies)) == len(bodies), lines
+    assert "tail 0.1 %–2 %" in lines["Crisp"] and "tail 0.05 %–1 %" in lines["Balanced"]
+
+
+def _another_value(preset, name):
+    """A valid value of `name` that differs from the preset's."""
+    param = PARAM_BY_NAME[name]
+    if param.kind == "bool":
+        candidates = [not PRESETS[preset][name]]
+    elif param.kind == "choice":
+        candidates = list(param.choices)
+    else:
+        candidates = [param.minimum, param.maximum, PRESETS[preset][name] + param.step,
+                      PRESETS[preset][name] - param.step]
+    for value in candidates:
+        value = param.coerce(round(value, 6)) if param.kind in ("int", "float") else value
+        if value == PRESETS[preset][name]:
+            continue
+        try:
+            Settings.from_preset(preset, **{name: value})
+        except ValueError:
+            continue
+        return value
+    raise AssertionError(f"no other valid value for {name}")
+
+
+@pytest.mark.parametrize("name", PRESET_PARAMS)
+def test_a_value_changed_from_the_preset_is_named(name):
+    value = _another_value("Balanced", name)
+    line = ui.describe_values({"preset": "Balanced", name: value})
+    assert line.startswith("**Balanced (modified)**: ")
+    assert f"*{PARAM_BY_NAME[name].label}* " in line.split(" — changed from the preset: ")[1]
+
+
+def test_summary_says_when_nothing_runs_or_values_are_refused():
+    assert _body(ui.describe_preset("Off")).strip() == "does nothing (no hook is installed)."
     gentle = ui.describe_preset("Gentle")
     assert "micro-clamp" in gentle and "AQClip" not in gentle
     assert f"tile {PRESETS['High-res']['tile']}" in ui.describe_preset("High-res")
+    off = ui.describe_values({"preset": "Gentle", "qsilk_enabled": False})
+    assert "does nothing" in off and "(the same as Off)" in off
+    assert "Q-Sched ramp" in ui.describe_values({"preset": "Off", "qsched": "ramp", "qsched_cx": 1.05})
+    bad = ui.describe_values({"preset": "Balanced", "p_wide": 0.05})
+    assert bad == "**Balanced**: ⚠ p_wide must be at most p_narrow (got 0.05 > 0.01)"
+    assert "tile must be 4..256" in ui.describe_values({"preset": "Balanced", "tile": None})
 
 
 def test_build_is_reentrant():
@@ -149,3 +233,6 @@ def test_labels_cover_every_visible_string():
         assert p.label in strings and p.help in strings
     assert len(strings) == len(set(strings))
     assert PARAM_BY_NAME["tile"].label in strings
+    for static in [*ui.GROUP_TITLES.values(), ui.EXPANDING_WARNING, ui.QUANT_REFRESH]:
+        assert static in strings
+    assert all(ui.describe_preset(name) in strings for name in PRESETS)
