@@ -1,0 +1,372 @@
+"""ComfyUI host adapter: the glue behind the nodes in `qsilk.hosts.comfy_nodes`.
+
+Translates ComfyUI's patch API into `Stabilizer` calls; it holds no math and imports no ComfyUI
+module (every object is reached through the arguments, duck typing), so it loads, and is tested,
+without ComfyUI. Host facts were read at Comfy-Org/ComfyUI ``a125cd84`` (v0.3.64):
+``comfy/model_patcher.py``, ``comfy/patcher_extension.py``, ``comfy/samplers.py``,
+``comfy/sampler_helpers.py``, ``comfy/ldm/modules/attention.py``, ``comfy/model_sampling.py``.
+
+`patch_model` returns a clone of the MODEL (``clone()`` deep-copies ``model_options``; the
+functions put there are closures, which ``deepcopy`` keeps as they are) carrying:
+
+- **Per sampler run**: a ``sampler_sample`` wrapper (``WrappersMP.SAMPLER_SAMPLE``, keyed
+  ``"qsilk"``). ``CFGGuider.inner_sample`` runs it once per run with the run's sigmas (the same
+  tensor it puts in ``transformer_options["sample_sigmas"]``), the noise and the inpainting mask
+  already at latent size, inside the model load. It starts a fresh `Stabilizer` (`begin_pass`), hooks
+  the probe, samples, removes the hooks (``finally``), stabilises the run's output before decode
+  (``pre_decode``: only when the run ends at σ = 0, i.e. no leftover noise) and logs the WebUIs'
+  one-line summary. The output is still in the model's latent space there (before
+  ``process_latent_out``), the space the post-CFG x0 lives in.
+- **Per evaluation**: a post-CFG function on ``denoised`` (x0). The step window is the position of
+  the evaluation's σ in the run's sigmas: ``i`` = the last schedule index whose σ is ≥ it, of
+  ``n = len(sigmas) − 1`` (progress ``i/(n−1)``, as the WebUIs' evaluation index). ComfyUI skips the
+  uncond pass at CFG 1 (``uncond`` None, ``uncond_denoised`` zeros): QSilk reads neither.
+- **Entropy probe** (SD1.x/SD2/SDXL UNets): forward hooks on the probed ``attn1``'s ``to_q`` / ``to_k``
+  (attached only while a run of this model samples) and an observing ``attn1_patch`` that returns
+  its inputs unchanged; an identity post-CFG "fence" put first takes the map before other nodes'
+  post-CFG functions (SAG, PAG) run extra UNet passes. No ``patches_replace`` key is taken. The
+  bookkeeping (``observe`` / ``take_map`` / row selection) is Forge's (`ForgeJob`): ComfyUI's
+  ``transformer_options`` carry the same ``block``, ``block_index``, ``cond_or_uncond``, ``sigmas``
+  (the evaluation's sigma tensor, the same object as the post-CFG ``sigma``) and
+  ``original_shape``. Models without UNet self-attention (Flux, SD3, Chroma, …) get Lite
+  confidence with a console note; video latents ``(B, C, T, H, W)`` (Wan, Hunyuan video) are
+  stabilised frame by frame (`Stabilizer`) and skip the probe.
+
+Nothing raises into the sampler: glue errors pass the latent through with a logged note.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..probe import find_probe_layer
+from ..settings import Settings
+from ..stabilizer import Stabilizer
+from . import common
+from .forge import ForgeJob
+
+log = logging.getLogger("qsilk")
+
+HOST = "comfyui"
+#: ``comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE`` (spelled out: nothing of ComfyUI is imported).
+SAMPLER_SAMPLE = "sampler_sample"
+#: Key of QSilk's wrapper and attribute marking every function QSilk puts on a model.
+WRAPPER_KEY = "qsilk"
+MARK = "_qsilk_comfy"
+
+
+# -- the MODEL patch ---------------------------------------------------------------------------
+def patch_model(model: Any, settings: Settings) -> Any:
+    """A clone of ComfyUI's MODEL (a ``ModelPatcher``) that stabilises every sampler run, or `model`
+    itself (same object: bit-identical sampling) when the settings do nothing.
+
+    A QSilk patch already on `model` (an earlier QSilk node) is replaced, not stacked."""
+    if not Stabilizer(settings).enabled:
+        return model
+    if not callable(getattr(model, "add_wrapper_with_key", None)):
+        raise RuntimeError("QSilk needs a ComfyUI with model wrappers (comfy.patcher_extension, v0.3.10 or "
+                           "newer); please update ComfyUI")
+    patched = model.clone()
+    if _remove_qsilk(patched):
+        log.info("QSilk: an earlier QSilk patch on this model was replaced")
+    state = _RunState(settings)
+    if state.per_step:
+        patched.set_model_sampler_post_cfg_function(_mark(_post_cfg_function(state)))
+        if state.wants_probe and _probe_layer(patched) is not None:
+            patched.set_model_attn1_patch(_mark(_attn1_observer(state)))
+            options = patched.model_options  # the clone's own dict: a new list, the fence first
+            options["sampler_post_cfg_function"] = [_mark(_fence_function(state)),
+                                                    *options["sampler_post_cfg_function"]]
+    patched.add_wrapper_with_key(SAMPLER_SAMPLE, WRAPPER_KEY, _mark(_sampler_wrapper(state)))
+    return patched
+
+
+def last_report(model: Any) -> dict | None:
+    """The report of the last sampler run of a model `patch_model` returned (or a clone of it)."""
+    for wrapper in getattr(model, "get_wrappers", lambda *_: [])(SAMPLER_SAMPLE, WRAPPER_KEY):
+        state = getattr(wrapper, "qsilk_state", None)
+        if state is not None:
+            return state.last_report
+    return None
+
+
+def _mark(fn: Callable) -> Callable:
+    setattr(fn, MARK, True)
+    return fn
+
+
+def _remove_qsilk(patched: Any) -> bool:
+    """Take QSilk's functions off a fresh clone (its own deep-copied options). True if any were."""
+    options = patched.model_options
+    found = False
+    post = options.get("sampler_post_cfg_function")
+    if post:
+        kept = [f for f in post if not getattr(f, MARK, False)]
+        found |= len(kept) != len(post)
+        options["sampler_post_cfg_function"] = kept
+    patches = options.get("transformer_options", {}).get("patches", {})
+    if patches.get("attn1_patch"):
+        kept = [f for f in patches["attn1_patch"] if not getattr(f, MARK, False)]
+        found |= len(kept) != len(patches["attn1_patch"])
+        patches["attn1_patch"] = kept
+    if patched.get_wrappers(SAMPLER_SAMPLE, WRAPPER_KEY):
+        patched.remove_wrappers_with_key(SAMPLER_SAMPLE, WRAPPER_KEY)
+        found = True
+    return found
+
+
+def _probe_layer(patcher: Any) -> tuple[str, torch.nn.Module] | None:
+    diffusion_model = getattr(getattr(patcher, "model", None), "diffusion_model", None)
+    return find_probe_layer(diffusion_model) if isinstance(diffusion_model, torch.nn.Module) else None
+
+
+class _RunState:
+    """What the closures on one patched model share: the settings and the run now sampling.
+    Runs are sequential in ComfyUI; a nested run (a node sampling inside a run) is stacked."""
+
+    def __init__(self, settings: Settings):
+        s = settings
+        self.settings = settings
+        self.per_step = bool((s.qsilk_enabled and s.qsilk_placement == "per_step")
+                             or (s.aqclip_enabled and s.aqclip_placement == "per_step"))
+        self.wants_probe = bool(s.aqclip_enabled and s.aqclip_mode == "attn" and s.aqclip_placement == "per_step")
+        self.run: ComfyRun | None = None
+        self.last_report: dict | None = None
+
+
+# -- one sampler run -----------------------------------------------------------------------------
+class ComfyRun(ForgeJob):
+    """One sampler run. Reuses Forge's probe bookkeeping (`ForgeJob.observe`, ``take_map``,
+    ``_prepare_probe``, ``release``); ``p`` is the CFG guider, which has no infotext."""
+
+    def __init__(self, guider: Any, settings: Settings, sampler: Any, sigmas: Any, denoise_mask: Any):
+        super().__init__(guider, settings, Stabilizer(settings))
+        self.family = HOST
+        self._sampler = sampler  # marks the run as sampling for `ForgeJob.observe`
+        self._sigmas = sigmas if isinstance(sigmas, torch.Tensor) else None
+        self._schedule: list[float] | None = None
+        s = settings
+        self._needs_position = s.step_start > 0.0 or s.step_end < 1.0
+        self._mask = denoise_mask if isinstance(denoise_mask, torch.Tensor) else None
+        self._shape_noted = False
+        name = getattr(getattr(sampler, "sampler_function", None), "__name__", "")
+        self.stabilizer.begin_pass(evaluations_per_step=2 if name in common.SECOND_ORDER_LAST_SINGLE else 1)
+
+    def start_probe(self, guider: Any, latent: Any) -> None:
+        """Hook the probed layer for this run (call `release` afterwards, also on error)."""
+        if not self.wants_probe:
+            return
+        patcher = getattr(guider, "model_patcher", None)
+        if isinstance(latent, torch.Tensor) and latent.dim() == 5:
+            model = type(getattr(getattr(patcher, "model", None), "diffusion_model", None)).__name__
+            self.note(f"video latent ({model}): each frame is stabilised as an image; AQClip uses Lite "
+                      "confidence (no attention probe on video models)")
+            return
+        if patcher is not None:
+            self._prepare_probe(patcher, guider)
+
+    # -- step window: the evaluation's σ in the run's schedule ------------------------------------
+    def _position(self) -> tuple[int | None, int | None]:
+        return self._position_of(self._ev_sigmas)
+
+    def _position_of(self, sigma: Any) -> tuple[int | None, int | None]:
+        """(evaluation index, count) from σ; (None, None) when the window is the whole run (no
+        host sync then) or the schedule is unknown."""
+        if not self._needs_position or self._sigmas is None or not isinstance(sigma, torch.Tensor):
+            return None, None
+        if self._schedule is None:
+            self._schedule = [float(v) for v in self._sigmas.detach().float().cpu().reshape(-1)]
+        return step_of_sigma(float(sigma.detach().reshape(-1)[0]), self._schedule)
+
+    # -- per evaluation ---------------------------------------------------------------------------
+    def post_cfg(self, args: Mapping[str, Any]) -> torch.Tensor:
+        x0, sigma = args["denoised"], args.get("sigma")
+        self.take_map(args)
+        probe_map = self._ev_map if self._ev_sigmas is sigma else None
+        self._ev_map = None
+        if not isinstance(x0, torch.Tensor) or x0.dim() not in (4, 5):
+            if not self._shape_noted:
+                self._shape_noted = True
+                self.note(f"{getattr(x0, 'dim', lambda: '?')()}-D latent: QSilk works on image (4-D) and video "
+                          "(5-D) latents; passed through")
+            return x0
+        step, total = self._position_of(sigma)
+        return self.stabilizer.post_cfg(x0, step, total, probe_map, sigma=sigma, nmask=_fitting(self._mask, x0))
+
+    def finish(self, samples: Any) -> Any:
+        """The run's output: stabilised before decode when the run ends at σ = 0."""
+        if not isinstance(samples, torch.Tensor) or samples.dim() not in (4, 5):
+            return samples
+        if self.settings.pre_decode != "off" and self._sigmas is not None and self._sigmas.numel():
+            if float(self._sigmas.reshape(-1)[-1]) > 0.0:
+                self.note("the run ends with leftover noise (σ > 0): before-decode stabilisation left to the "
+                          "run that finishes it")
+                return samples
+        try:
+            return self.stabilizer.pre_decode(samples, nmask=_fitting(self._mask, samples))
+        except Exception as exc:
+            self.glue_error("stabilising before decode", exc)
+            return samples
+
+    def glue_error(self, where: str, exc: BaseException) -> None:
+        self.glue_errors += 1
+        if self.glue_errors == 1:
+            log.exception("QSilk: error while %s on ComfyUI; QSilk passes through", where)
+        self.note(f"error while {where}, passed through: {exc}")
+
+
+def _fitting(mask: torch.Tensor | None, latent: torch.Tensor) -> torch.Tensor | None:
+    if mask is not None and mask.dim() == latent.dim() and mask.shape[2:] == latent.shape[2:]:
+        return mask
+    return None
+
+
+def step_of_sigma(sigma: float, schedule: Sequence[float]) -> tuple[int | None, int | None]:
+    """``(i, n)``: σ's evaluation index in a descending schedule of ``n + 1`` sigmas, where i is the
+    last index (below n) whose σ is at least `sigma`; a second-order sampler's extra evaluation at
+    the next σ counts as that step, one between two sigmas as the earlier. ``(None, None)`` for a
+    schedule that is not descending or has no step.
+
+    >>> step_of_sigma(14.6, [14.6, 7.0, 2.0, 0.0]), step_of_sigma(2.0, [14.6, 7.0, 2.0, 0.0])
+    ((0, 3), (2, 3))
+    >>> step_of_sigma(4.0, [14.6, 7.0, 2.0, 0.0])
+    (1, 3)
+    """
+    n = len(schedule) - 1
+    if n < 1 or any(a < b for a, b in zip(schedule, schedule[1:])):
+        return None, None
+    tol = 1e-5 * max(1.0, abs(sigma))
+    i = sum(1 for s in schedule[:n] if s >= sigma - tol) - 1
+    return min(max(i, 0), n - 1), n
+
+
+# -- the closures ComfyUI calls --------------------------------------------------------------------
+def _sampler_wrapper(state: _RunState) -> Callable:
+    def qsilk_sampler_sample(executor, *args, **kwargs):
+        run = None
+        try:
+            guider, sigmas = _arg(args, kwargs, 0, "model_wrap"), _arg(args, kwargs, 1, "sigmas")
+            noise, mask = _arg(args, kwargs, 4, "noise"), _arg(args, kwargs, 6, "denoise_mask")
+            run = ComfyRun(guider, state.settings, getattr(executor, "class_obj", None), sigmas, mask)
+            run.start_probe(guider, noise)
+        except Exception:
+            log.exception("QSilk: could not start on this sampler run; it runs without QSilk")
+            if run is not None:
+                run.release()
+            return executor(*args, **kwargs)
+        previous, state.run = state.run, run
+        try:
+            samples = executor(*args, **kwargs)
+        finally:
+            state.run = previous
+            run.release()
+        out = run.finish(samples)
+        try:
+            state.last_report = common.present_report(run.stabilizer.report(), run.stabilizer, None, HOST)
+        except Exception:
+            log.exception("QSilk: writing the run's summary failed")
+        return out
+
+    qsilk_sampler_sample.qsilk_state = state
+    return qsilk_sampler_sample
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
+    return args[index] if len(args) > index else kwargs.get(name)
+
+
+def _post_cfg_function(state: _RunState) -> Callable[[dict], torch.Tensor]:
+    def qsilk_post_cfg(args):
+        run, x0 = state.run, args["denoised"]
+        if run is None or run.closed:
+            return x0
+        try:
+            return run.post_cfg(args)
+        except Exception as exc:
+            run.glue_error("stabilising an evaluation", exc)
+            return x0
+
+    return qsilk_post_cfg
+
+
+def _fence_function(state: _RunState) -> Callable[[dict], torch.Tensor]:
+    def qsilk_probe_fence(args):
+        run = state.run
+        if run is not None and not run.closed:
+            try:
+                run.take_map(args)
+            except Exception as exc:
+                run.glue_error("reading the attention map", exc)
+        return args["denoised"]
+
+    return qsilk_probe_fence
+
+
+def _attn1_observer(state: _RunState) -> Callable:
+    def qsilk_attn1_observer(n, context, value, extra_options):
+        run = state.run
+        block = run._probe_block if run is not None else None
+        if (block is not None and not run.closed and extra_options.get("block") == block[0]
+                and extra_options.get("block_index", 0) == block[1]):
+            try:
+                run.observe(extra_options)
+            except Exception as exc:
+                run.glue_error("observing attention", exc)
+        return n, context, value
+
+    return qsilk_attn1_observer
+
+
+# -- the LATENT stage --------------------------------------------------------------------------------
+def stabilize_latent(latent: Mapping[str, Any], settings: Settings) -> Mapping[str, Any]:
+    """The before-decode / before-upscale stage on a LATENT dict: every component the settings
+    enable, applied once (`Stabilizer.pre_decode` with ``pre_decode="always"``: no earlier step to
+    defer to; AQClip with Lite confidence, no EMA). Only where ``noise_mask`` is 1 when the dict has
+    one. Returns a new dict with every other key kept, or `latent` itself when nothing applies; the
+    input tensor is never changed.
+
+    ComfyUI's LATENT holds the VAE's latent (``process_latent_out`` applied). QSilk is exactly
+    equivariant to one scale and shift for all channels (SD1.x, SD2, SDXL, SD3, Flux), so this
+    equals the stage in the model's space there; formats normalised per channel differ slightly."""
+    settings = settings.replace(pre_decode="always")
+    x = latent.get("samples") if isinstance(latent, Mapping) else None
+    stabilizer = Stabilizer(settings)
+    if not stabilizer.enabled or not isinstance(x, torch.Tensor):
+        return latent
+    if x.dim() not in (4, 5):
+        log.warning("QSilk: %d-D latent: QSilk works on image (4-D) and video (5-D) latents; passed through", x.dim())
+        return latent
+    stabilizer.begin_pass()
+    try:
+        nmask = latent_mask(latent.get("noise_mask"), x)
+    except Exception as exc:
+        log.warning("QSilk: noise_mask %s does not fit the latent %s (%s); latent passed through",
+                    tuple(getattr(latent.get("noise_mask"), "shape", ())), tuple(x.shape), exc)
+        return latent
+    out = stabilizer.pre_decode(x, nmask=nmask)
+    common.present_report(stabilizer.report(), stabilizer, None, HOST)
+    result = dict(latent)
+    result["samples"] = out
+    return result
+
+
+def latent_mask(mask: Any, latent: torch.Tensor) -> torch.Tensor | None:
+    """A LATENT's ``noise_mask`` (1 = generated, any resolution, usually the image's) at the latent's
+    size and batch, as ComfyUI's sampler resizes it (``comfy.utils.reshape_mask``): bilinear for
+    ``(B, C, H, W)``, trilinear over frames for ``(B, C, T, H, W)``, batch repeated. None if none."""
+    if not isinstance(mask, torch.Tensor):
+        return None
+    m = mask.to(device=latent.device, dtype=torch.float32)
+    if latent.dim() == 4:
+        m = F.interpolate(m.reshape(-1, 1, m.shape[-2], m.shape[-1]), size=tuple(latent.shape[-2:]), mode="bilinear")
+    else:
+        if m.dim() < 5:
+            m = m.reshape(1, 1, -1, m.shape[-2], m.shape[-1])
+        m = F.interpolate(m, size=tuple(latent.shape[-3:]), mode="trilinear")
+    b = latent.shape[0]
+    if m.shape[0] < b:
+        m = m.repeat(-(-b // m.shape[0]), *([1] * (m.dim() - 1)))
+    return m[:b]
