@@ -1,0 +1,391 @@
+"""Test double of ComfyUI's model patcher, wrappers, CFG guider, sampling function and KSampler.
+
+Written from a reading of Comfy-Org/ComfyUI ``a125cd84`` (v0.3.64, 2025-10-12); no ComfyUI code is
+copied. It mirrors the signatures, data flow and call order QSilk relies on:
+
+- ``comfy/model_patcher.py`` `ModelPatcher`: ``model_options = {"transformer_options": {}}``;
+  ``clone()`` deep-copies ``model_options``, copies each wrapper list and shares ``model``;
+  ``set_model_sampler_post_cfg_function`` appends to a new list; ``set_model_patch`` appends to
+  ``transformer_options["patches"][name]``; ``set_model_patch_replace`` copies the nested dicts and
+  stores one function per ``(block, number[, transformer_index])``; ``add_wrapper_with_key`` /
+  ``remove_wrappers_with_key`` / ``get_wrappers`` on ``self.wrappers[type][key]``.
+- ``comfy/patcher_extension.py``: `WrappersMP` names, `WrapperExecutor` (a wrapper gets the
+  executor first and calls it to go on; ``class_obj`` is the object whose method is wrapped),
+  ``get_all_wrappers(type, model_options, is_model_options=True)`` reads
+  ``transformer_options["wrappers"]``, ``copy_nested_dicts`` / ``merge_nested_dicts``.
+- ``comfy/sampler_helpers.py``: ``prepare_model_patcher`` merges the patcher's wrappers into the
+  guider's options; ``prepare_mask`` = ``comfy/utils.py`` ``reshape_mask`` (bilinear to the latent
+  size, channels and batch repeated).
+- ``comfy/samplers.py``: `calc_cond_batch` (chunks of B rows, newest first, several per call; a fresh
+  ``transformer_options`` per call with ``cond_or_uncond``, ``uuids`` and ``sigmas`` = the
+  evaluation's timestep tensor itself; a None cond list leaves zeros), `cfg_function` (post-CFG
+  args ``denoised, cond, uncond, cond_scale, model, uncond_denoised, cond_denoised, sigma,
+  model_options, input``), `sampling_function` (CFG 1: ``uncond`` None, ``uncond_denoised`` zeros),
+  `KSamplerX0Inpaint` (``denoise_mask``: outside it the output is the input latent), `KSAMPLER.sample`,
+  `CFGGuider` (``sample`` → OUTER_SAMPLE wrappers → ``outer_sample`` (mask prepared) →
+  ``inner_sample``: ``process_latent_in``, ``transformer_options["sample_sigmas"]``, SAMPLER_SAMPLE
+  wrappers around ``sampler.sample``, ``process_latent_out``).
+- ``comfy/ldm/modules/attention.py`` `BasicTransformerBlock` and ``openaimodel.py``: the same
+  ``attn1_patch`` / ``patches_replace["attn1"]`` / ``to_q`` / ``to_k`` contract and ``block`` /
+  ``block_index`` / ``original_shape`` keys as Forge's backend (a ComfyUI port), so the UNet,
+  Flux-like and video models of `forge_backend` are reused; ComfyUI's ``BaseModel`` names its
+  helper ``model_sampling`` (old Forge's `KModel` family).
+
+Simplified: conds are ``{"c_crossattn": (B, T, D)}`` dicts (no areas, hooks or ControlNet); the
+batch size per UNet call is ``model.max_chunks_per_call`` chunks (ComfyUI: free memory).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import forge_backend as fb
+
+
+class WrappersMP:
+    OUTER_SAMPLE = "outer_sample"
+    SAMPLER_SAMPLE = "sampler_sample"
+    PREDICT_NOISE = "predict_noise"
+
+
+def copy_nested_dicts(d):
+    out = dict(d)
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out[k] = copy_nested_dicts(v)
+        elif isinstance(v, list):
+            out[k] = list(v)
+    return out
+
+
+def merge_nested_dicts(into, other, copy_dict1=True):
+    merged = copy_nested_dicts(into) if copy_dict1 else into
+    for k, v in other.items():
+        if isinstance(v, dict):
+            merged[k] = merge_nested_dicts(v, merged.setdefault(k, {}))
+        elif isinstance(v, list):
+            merged.setdefault(k, []).extend(v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def get_all_wrappers(wrapper_type, model_options):
+    found = []
+    for fns in model_options.get("transformer_options", {}).get("wrappers", {}).get(wrapper_type, {}).values():
+        found.extend(fns)
+    return found
+
+
+class WrapperExecutor:
+    def __init__(self, original, class_obj, wrappers, idx=0):
+        self.original, self.class_obj, self.wrappers, self.idx = original, class_obj, list(wrappers), idx
+
+    def __call__(self, *args, **kwargs):
+        return WrapperExecutor(self.original, self.class_obj, self.wrappers, self.idx + 1).execute(*args, **kwargs)
+
+    def execute(self, *args, **kwargs):
+        if self.idx == len(self.wrappers):
+            return self.original(*args, **kwargs)
+        return self.wrappers[self.idx](self, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# ModelPatcher
+# --------------------------------------------------------------------------------------------
+class ModelPatcher:
+    def __init__(self, model):
+        self.model = model
+        self.model_options = {"transformer_options": {}}
+        self.wrappers = {}
+        self.attachments = {}
+        self.clones = 0
+
+    def clone(self):
+        n = ModelPatcher(self.model)
+        n.model_options = copy.deepcopy(self.model_options)
+        n.wrappers = {t: {k: list(fns) for k, fns in keyed.items()} for t, keyed in self.wrappers.items()}
+        n.attachments = dict(self.attachments)
+        self.clones += 1
+        return n
+
+    def set_model_sampler_post_cfg_function(self, fn, disable_cfg1_optimization=False):
+        self.model_options["sampler_post_cfg_function"] = self.model_options.get("sampler_post_cfg_function", []) + [fn]
+        if disable_cfg1_optimization:
+            self.model_options["disable_cfg1_optimization"] = True
+
+    def set_model_patch(self, patch, name):
+        to = self.model_options["transformer_options"]
+        to.setdefault("patches", {})
+        to["patches"][name] = to["patches"].get(name, []) + [patch]
+
+    def set_model_attn1_patch(self, patch):
+        self.set_model_patch(patch, "attn1_patch")
+
+    def set_model_patch_replace(self, patch, name, block_name, number, transformer_index=None):
+        self.model_options = fb.set_model_options_patch_replace(self.model_options, patch, name, block_name, number,
+                                                                transformer_index)
+
+    def set_model_attn1_replace(self, patch, block_name, number, transformer_index=None):
+        self.set_model_patch_replace(patch, "attn1", block_name, number, transformer_index)
+
+    def add_wrapper_with_key(self, wrapper_type, key, wrapper):
+        self.wrappers.setdefault(wrapper_type, {}).setdefault(key, []).append(wrapper)
+
+    def remove_wrappers_with_key(self, wrapper_type, key):
+        self.wrappers.get(wrapper_type, {}).pop(key, None)
+
+    def get_wrappers(self, wrapper_type, key):
+        return self.wrappers.get(wrapper_type, {}).get(key, [])
+
+
+class BaseModel(fb.KModel):
+    """``comfy/model_base.py`` `BaseModel`: ``model_sampling``, ``diffusion_model``, ``apply_model`` (x0),
+    ``process_latent_in`` / ``out`` (the latent format's scale)."""
+
+    def __init__(self, diffusion_model, prediction, latent_scale=1.0):
+        super().__init__(diffusion_model, prediction, family=fb.FORGE_OLD)
+        self.latent_scale = latent_scale
+
+    def process_latent_in(self, latent):
+        return latent * self.latent_scale
+
+    def process_latent_out(self, latent):
+        return latent / self.latent_scale
+
+
+def sd15_like(**kwargs) -> ModelPatcher:
+    """A MODEL with an SD1.x-like UNet (the probe lands on latent/1), ε-prediction."""
+    return ModelPatcher(BaseModel(fb.TinyUNet(**kwargs), fb.Prediction("epsilon")))
+
+
+def sdxl_like(**kwargs) -> ModelPatcher:
+    return ModelPatcher(BaseModel(fb.TinyUNet(attention_levels=(1,), depth=2, **kwargs), fb.Prediction("epsilon")))
+
+
+def flux_like() -> ModelPatcher:
+    return ModelPatcher(BaseModel(fb.TinyFlux(), fb.Prediction("const")))
+
+
+def video_like() -> ModelPatcher:
+    return ModelPatcher(BaseModel(fb.TinyVideoDiT(), fb.Prediction("const")))
+
+
+# --------------------------------------------------------------------------------------------
+# samplers.py
+# --------------------------------------------------------------------------------------------
+def calc_cond_batch(model, conds, x_in, timestep, model_options):
+    out = [torch.zeros_like(x_in) for _ in conds]
+    counts = [torch.ones_like(x_in) * 1e-37 for _ in conds]
+    to_run = [(c, i) for i, cond in enumerate(conds) if cond is not None for c in cond]
+    while to_run:
+        first = to_run[0][0]["c_crossattn"].shape
+        fits = [j for j, (c, _) in enumerate(to_run) if c["c_crossattn"].shape == first]
+        fits.reverse()
+        picked = [to_run.pop(j) for j in fits[: max(1, model.max_chunks_per_call)]]
+        cond_or_uncond = [i for _, i in picked]
+        input_x = torch.cat([x_in] * len(picked))
+        context = torch.cat([c["c_crossattn"] for c, _ in picked])
+        transformer_options = copy_nested_dicts(model_options.get("transformer_options", {}))
+        transformer_options["cond_or_uncond"] = cond_or_uncond[:]
+        transformer_options["uuids"] = [id(c) for c, _ in picked]
+        transformer_options["sigmas"] = timestep
+        timestep_ = torch.cat([timestep] * len(picked))
+        output = model.apply_model(input_x, timestep_, c_crossattn=context,
+                                   transformer_options=transformer_options).chunk(len(picked))
+        for o, i in zip(output, cond_or_uncond):
+            out[i] += o
+            counts[i] += 1.0
+    return [o / c for o, c in zip(out, counts)]
+
+
+def cfg_function(model, cond_pred, uncond_pred, cond_scale, x, timestep, model_options={}, cond=None, uncond=None):
+    cfg_result = uncond_pred + (cond_pred - uncond_pred) * cond_scale
+    for fn in model_options.get("sampler_post_cfg_function", []):
+        args = {"denoised": cfg_result, "cond": cond, "uncond": uncond, "cond_scale": cond_scale, "model": model,
+                "uncond_denoised": uncond_pred, "cond_denoised": cond_pred, "sigma": timestep,
+                "model_options": model_options, "input": x}
+        cfg_result = fn(args)
+    return cfg_result
+
+
+def sampling_function(model, x, timestep, uncond, cond, cond_scale, model_options={}, seed=None):
+    skip = math.isclose(cond_scale, 1.0) and not model_options.get("disable_cfg1_optimization", False)
+    uncond_ = None if skip else uncond
+    out = calc_cond_batch(model, [cond, uncond_], x, timestep, model_options)
+    return cfg_function(model, out[0], out[1], cond_scale, x, timestep, model_options=model_options, cond=cond,
+                        uncond=uncond_)
+
+
+class KSamplerX0Inpaint:
+    def __init__(self, model, sigmas):
+        self.inner_model, self.sigmas = model, sigmas
+
+    def __call__(self, x, sigma, denoise_mask, model_options={}, seed=None):
+        if denoise_mask is not None:
+            latent_mask = 1.0 - denoise_mask
+            scaled = self.inner_model.inner_model.model_sampling.noise_scaling(
+                sigma.reshape(-1, *([1] * (x.dim() - 1))), self.noise, self.latent_image)
+            x = x * denoise_mask + scaled * latent_mask
+        out = self.inner_model(x, sigma, model_options=model_options, seed=seed)
+        if denoise_mask is not None:
+            out = out * denoise_mask + self.latent_image * latent_mask
+        return out
+
+
+def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """k-diffusion's Euler (one evaluation per step)."""
+    extra_args = extra_args or {}
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """k-diffusion's Heun: two evaluations per step, one on the last (σ_next = 0)."""
+    extra_args = extra_args or {}
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        d = (x - denoised) / sigmas[i]
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = (x_2 - model(x_2, sigmas[i + 1] * s_in, **extra_args)) / sigmas[i + 1]
+            x = x + (d + d_2) / 2 * dt
+    return x
+
+
+SAMPLERS = {"euler": sample_euler, "heun": sample_heun}
+
+
+class KSAMPLER:
+    def __init__(self, sampler_function):
+        self.sampler_function = sampler_function
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        extra_args["denoise_mask"] = denoise_mask
+        model_k = KSamplerX0Inpaint(model_wrap, sigmas)
+        model_k.latent_image, model_k.noise = latent_image, noise
+        x = model_wrap.inner_model.model_sampling.noise_scaling(sigmas[0], noise, latent_image)
+        return self.sampler_function(model_k, x, sigmas, extra_args=extra_args, callback=callback, disable=disable_pbar)
+
+
+def prepare_mask(mask, shape):
+    """``comfy/utils.py`` ``reshape_mask`` for 4-D and 5-D latents."""
+    if len(shape) == 4:
+        m = F.interpolate(mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]), size=tuple(shape[2:]), mode="bilinear")
+    else:
+        m = mask if mask.dim() == 5 else mask.reshape(1, 1, -1, mask.shape[-2], mask.shape[-1])
+        m = F.interpolate(m, size=tuple(shape[2:]), mode="trilinear")
+    if m.shape[1] < shape[1]:
+        m = m.repeat(1, shape[1], *([1] * (len(shape) - 2)))[:, : shape[1]]
+    if m.shape[0] < shape[0]:
+        m = m.repeat(-(-shape[0] // m.shape[0]), *([1] * (len(shape) - 1)))
+    return m[: shape[0]]
+
+
+class CFGGuider:
+    def __init__(self, model_patcher):
+        self.model_patcher = model_patcher
+        self.model_options = model_patcher.model_options
+        self.original_conds = {}
+        self.cfg = 1.0
+
+    def set_conds(self, positive, negative):
+        self.original_conds = {"positive": positive, "negative": negative}
+
+    def set_cfg(self, cfg):
+        self.cfg = cfg
+
+    def __call__(self, x, timestep, model_options={}, seed=None):
+        return WrapperExecutor(self.predict_noise, self, get_all_wrappers(WrappersMP.PREDICT_NOISE, self.model_options)
+                               ).execute(x, timestep, model_options, seed)
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        return sampling_function(self.inner_model, x, timestep, self.conds.get("negative"), self.conds.get("positive"),
+                                 self.cfg, model_options=model_options, seed=seed)
+
+    def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed):
+        if latent_image is not None and torch.count_nonzero(latent_image) > 0:
+            latent_image = self.inner_model.process_latent_in(latent_image)
+        extra_model_options = copy_nested_dicts(self.model_options)
+        extra_model_options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
+        extra_args = {"model_options": extra_model_options, "seed": seed}
+        executor = WrapperExecutor(sampler.sample, sampler,
+                                   get_all_wrappers(WrappersMP.SAMPLER_SAMPLE, extra_args["model_options"]))
+        samples = executor.execute(self, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
+        return self.inner_model.process_latent_out(samples.to(torch.float32))
+
+    def outer_sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,
+                     disable_pbar=False, seed=None):
+        self.inner_model = self.model_patcher.model
+        if denoise_mask is not None:
+            denoise_mask = prepare_mask(denoise_mask, noise.shape)
+        try:
+            return self.inner_sample(noise, latent_image, None, sampler, sigmas, denoise_mask, callback, disable_pbar,
+                                     seed)
+        finally:
+            del self.inner_model
+
+    def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
+               seed=None):
+        if sigmas.shape[-1] == 0:
+            return latent_image
+        self.conds = {k: [dict(c) for c in v] for k, v in self.original_conds.items()}
+        orig = self.model_options
+        try:
+            self.model_options = copy_nested_dicts(orig)
+            merge_nested_dicts(self.model_options["transformer_options"].setdefault("wrappers", {}),
+                               self.model_patcher.wrappers, copy_dict1=False)
+            executor = WrapperExecutor(self.outer_sample, self,
+                                       get_all_wrappers(WrappersMP.OUTER_SAMPLE, self.model_options))
+            return executor.execute(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
+        finally:
+            self.model_options = orig
+
+
+# --------------------------------------------------------------------------------------------
+# nodes.py: schedules, KSampler, conditioning
+# --------------------------------------------------------------------------------------------
+def simple_sigmas(model_patcher, steps, denoise=1.0):
+    """``simple_scheduler``: evenly spaced from the model's sigma table, then 0; ``denoise`` < 1
+    keeps the last steps of a longer schedule (``KSampler.set_steps``)."""
+    table = model_patcher.model.model_sampling.sigmas
+    total = steps if denoise >= 1.0 else int(steps / denoise)
+    stride = len(table) / total
+    sigmas = torch.tensor([float(table[-(1 + int(i * stride))]) for i in range(total)] + [0.0])
+    return sigmas[-(steps + 1):]
+
+
+def conditioning(batch=1, tokens=5, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"c_crossattn": torch.randn(batch, tokens, dim, generator=g)}]
+
+
+def ksampler(model, latent, *, seed=0, steps=4, cfg=5.0, sampler_name="euler", positive=None, negative=None,
+             denoise=1.0, sigmas=None):
+    """``common_ksampler``: noise from the seed, the guider, a new LATENT dict (``latent.copy()``)."""
+    latent_image = latent["samples"]
+    b = latent_image.shape[0]
+    positive = positive if positive is not None else conditioning(b, seed=1)
+    negative = negative if negative is not None else conditioning(b, seed=2)
+    noise = torch.randn(latent_image.shape, generator=torch.Generator().manual_seed(seed))
+    sigmas = simple_sigmas(model, steps, denoise) if sigmas is None else sigmas
+    guider = CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    with torch.no_grad():  # ComfyUI samples under torch.inference_mode
+        samples = guider.sample(noise, latent_image, KSAMPLER(SAMPLERS[sampler_name]), sigmas,
+                                denoise_mask=latent.get("noise_mask"), seed=seed)
+    out = latent.copy()
+    out["samples"] = samples
+    return out
