@@ -67,8 +67,8 @@ def patch_model(model: Any, settings: Settings) -> Any:
     if not Stabilizer(settings).enabled:
         return model
     if not callable(getattr(model, "add_wrapper_with_key", None)):
-        raise RuntimeError("QSilk needs a ComfyUI with model wrappers (comfy.patcher_extension, v0.3.10 or "
-                           "newer); please update ComfyUI")
+        raise RuntimeError("QSilk needs a ComfyUI with model wrappers (comfy.patcher_extension, December 2024 "
+                           "or newer); please update ComfyUI")
     patched = model.clone()
     if _remove_qsilk(patched):
         log.info("QSilk: an earlier QSilk patch on this model was replaced")
