@@ -459,9 +459,10 @@ def _preconditioner(p: Any, settings: Settings, notes: list[str]) -> Any:
 def present_report(report: dict, stabilizer: Stabilizer, processed: Any, host: str) -> dict:
     """End of a job: the one-line summary in the log, and on ``processed`` the Show-maps images
     and the run's notes (in the comments the UI shows under the gallery). Returns `report`."""
-    log.info("QSilk (%s): %d pass(es), %d evaluation(s) stabilised, %d pre-decode(s), %.3f s%s",
-             host, report["passes"], report["evaluations"], report["pre_decodes"], report["seconds"],
-             "".join(f"; {n}" for n in report["notes"]))
+    log.info("QSilk (%s): %d pass(es), %d evaluation(s) stabilised: %d attention map(s), %d Lite fallback(s); "
+             "%d pre-decode(s), %.3f s%s",
+             host, report["passes"], report["evaluations"], report["attn_maps"], report["lite_fallbacks"],
+             report["pre_decodes"], report["seconds"], "".join(f"; {n}" for n in report["notes"]))
     if processed is None:
         return report
     if stabilizer.settings.show_maps and stabilizer.last_maps and getattr(processed, "images", None):

@@ -294,8 +294,8 @@ def test_summary_line_is_logged_at_info(caplog):
     with caplog.at_level(logging.INFO):  # ComfyUI's root logger level (app/logger.py)
         dc.ksampler(patched, SD, steps=3)
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and r.name == "qsilk"]
-    assert lines == ["QSilk (comfyui): 1 pass(es), 3 evaluation(s) stabilised, 0 pre-decode(s), "
-                     + lines[0].split("pre-decode(s), ")[1]]
+    assert lines == ["QSilk (comfyui): 1 pass(es), 3 evaluation(s) stabilised: 3 attention map(s), "
+                     "0 Lite fallback(s); 0 pre-decode(s), " + lines[0].split("pre-decode(s), ")[1]]
     assert logging.getLogger("qsilk").propagate
 
 
