@@ -340,9 +340,16 @@ def summaries(log: str) -> list[str]:
     return [m.group(0).strip() for m in SUMMARY_RE.finditer(log)]
 
 
-def attention_maps(summary: str):
-    m = re.search(r"(\d+) attention map", summary)
+def summary_count(summary: str, what: str):
+    """The number before `what` in a summary line ("3 evaluation(s)", "3 attention map(s)", …); None
+    when the line does not have it."""
+    m = re.search(r"(\d+) " + re.escape(what), summary)
     return int(m.group(1)) if m else None
+
+
+def sampler_summaries(log: str) -> list[str]:
+    """Summary lines of sampler runs (QSilk (model)); QSilk before decode logs 0 evaluations."""
+    return [s for s in summaries(log) if (summary_count(s, "evaluation(s)") or 0) > 0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -526,7 +533,8 @@ def run_checks(server: Comfy, res: Results, args, ckpt_name: str):
             ensure("plain" in state, "no plain image to compare with")
             px, entry = pixels(prompt, prefix)
             ensure(px == state["plain"], f"differs from plain (mean |Δ| {mean_abs_diff(px, state['plain']):.3f})")
-            return "bit-identical pixels; " + ("; ".join(summaries(entry["log"])) or "no QSilk summary in the log")
+            ensure(not summaries(entry["log"]), f"QSilk still ran: {summaries(entry['log'])}")
+            return "bit-identical pixels, no QSilk summary in the log (the input passed through)"
         return check
 
     res.check("b1. preset Off (both nodes) → bit-identical to the plain workflow",
@@ -549,25 +557,26 @@ def run_checks(server: Comfy, res: Results, args, ckpt_name: str):
 
     def balanced_summaries():
         ensure("balanced_log" in state, "no Balanced run")
-        lines = summaries(state["balanced_log"])
-        ensure(lines, "no 'QSilk (comfyui): …' summary line in the server log")
+        lines = sampler_summaries(state["balanced_log"])
+        ensure(lines, "no 'QSilk (comfyui): … evaluation(s) …' summary line in the server log: "
+                      f"{summaries(state['balanced_log'])}")
         return lines
 
     def no_lite():
         lines = balanced_summaries()
-        lite = [s for s in lines if "Lite" in s or "attention map unavailable" in s]
-        ensure(not lite, f"Lite fallback on SD1.5: {lite}")
+        lite = [s for s in lines if summary_count(s, "Lite fallback") != 0 or "attention map unavailable" in s]
+        ensure(not lite, f"Lite fallback (or no fallback count) on SD1.5: {lite}")
         return " | ".join(lines)
 
     def maps():
         lines = balanced_summaries()
-        counts = [attention_maps(s) for s in lines]
+        counts = [summary_count(s, "attention map") for s in lines]
         ensure(all(c is not None for c in counts), f"the summary line gives no attention-map count: {lines}")
         ensure(all(c > 0 for c in counts), f"no attention maps: {lines}")
-        return f"attention maps per run: {counts}"
+        return f"attention maps per sampler run: {counts}"
 
-    res.check("d1. Balanced on SD1.5: a QSilk summary per run, no Lite fallback note", no_lite)
-    res.check("d2. the attention probe made maps (count > 0 in the summary)", maps)
+    res.check("d1. Balanced on SD1.5: the sampler run's QSilk summary reports 0 Lite fallbacks", no_lite)
+    res.check("d2. the attention probe made maps (attention map(s) > 0 in the summary)", maps)
 
     def hires():
         p = shrink(state["qsilk_hires"], args.size, args.steps, args.seed)
@@ -576,9 +585,9 @@ def run_checks(server: Comfy, res: Results, args, ckpt_name: str):
         out = nodes_of(p, "SaveImage")[0]
         w, h, _, px = server.image(entry, out)
         ensure(w > args.size and h > args.size, f"second pass image is {w}×{h}")
-        lines = summaries(entry["log"])
-        ensure(len(lines) >= 2, f"expected a QSilk summary per sampler pass, got {lines}")
-        return f"{w}×{h}; " + " | ".join(lines)
+        lines = sampler_summaries(entry["log"])
+        ensure(len(lines) == 2, f"expected a QSilk summary per sampler pass, got {summaries(entry['log'])}")
+        return f"{w}×{h}; " + " | ".join(summaries(entry["log"]))
 
     res.check("e. two-pass hires workflow (KSampler → QSilkLatent → LatentUpscaleBy → KSampler → QSilkLatent) runs",
               hires)
@@ -605,22 +614,23 @@ def run_checks(server: Comfy, res: Results, args, ckpt_name: str):
     res.check("f2. QSilkModelAdvanced tile=3 (below its minimum) is refused",
               refused(adv, qid, "tile"))
 
-    def after_other_patch():
-        present = [n for n in ("PerturbedAttentionGuidance", "SelfAttentionGuidance") if n in info]
-        ensure(present, "neither PerturbedAttentionGuidance nor SelfAttentionGuidance is in this ComfyUI")
-        node = present[0]
-        p = copy.deepcopy(set_inputs(set_inputs(txt, "QSilkModel", enabled=True, preset="Balanced"),
-                                     "QSilkLatent", enabled=True, preset="Balanced"))
-        src = p[qid]["inputs"]["model"]
-        spec_inputs = {k: _spec_opts(v).get("default") for k, v in info[node]["input"]["required"].items()
-                       if _spec_type(v) in WIDGET_TYPES}
-        p["900"] = {"class_type": node, "inputs": {"model": src, **spec_inputs}}
-        p[qid]["inputs"]["model"] = ["900", 0]
-        px, entry = pixels(p, "after_" + node)
-        ensure(len(set(px)) > 8, "uniform image")
-        return f"{node} → QSilk (model): " + ("; ".join(summaries(entry["log"])) or "no summary")
+    def after_other_patch(node):
+        def check():
+            ensure(node in info, f"{node} is not in this ComfyUI")
+            p = set_inputs(set_inputs(txt, "QSilkModel", enabled=True, preset="Balanced"),
+                           "QSilkLatent", enabled=True, preset="Balanced")
+            defaults = {k: _spec_opts(v).get("default") for k, v in info[node]["input"]["required"].items()
+                        if _spec_type(v) in WIDGET_TYPES}
+            p["900"] = {"class_type": node, "inputs": {"model": p[qid]["inputs"]["model"], **defaults}}
+            p[qid]["inputs"]["model"] = ["900", 0]
+            px, entry = pixels(p, "after_" + node)
+            ensure(len(set(px)) > 8, "uniform image")
+            ensure(sampler_summaries(entry["log"]), f"no QSilk sampler summary: {summaries(entry['log'])}")
+            return f"{node} {defaults} → QSilk (model): " + " | ".join(sampler_summaries(entry["log"]))
+        return check
 
-    res.check("g. QSilk (model) after another model patch runs", after_other_patch)
+    res.check("g1. QSilk (model) after PerturbedAttentionGuidance runs", after_other_patch("PerturbedAttentionGuidance"))
+    res.check("g2. QSilk (model) after SelfAttentionGuidance runs", after_other_patch("SelfAttentionGuidance"))
 
     def advanced_runs():
         p = advanced_prompt(txt, info, qid)
