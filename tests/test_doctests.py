@@ -1,6 +1,6 @@
-"""Runs the docstring examples of every core module (`qsilk/**.py` except the host adapters in
-`qsilk/hosts`), as einops' ``test_doctests_examples`` does: the examples in the docs are checked
-like any test."""
+"""Runs the docstring examples of every module of the package (`qsilk/**.py`; the host adapters
+import no host module, so they load here too), as einops' ``test_doctests_examples`` does: the
+examples in the docs are checked like any test."""
 from __future__ import annotations
 
 import doctest
@@ -12,11 +12,12 @@ import pytest
 import qsilk
 
 CORE_MODULES = sorted(m.name for m in pkgutil.walk_packages(qsilk.__path__, "qsilk.")
-                      if not m.name.startswith("qsilk.hosts") and not m.name.endswith("__main__"))
+                      if not m.name.endswith("__main__"))
 
 
 def test_core_modules_found():
-    assert {"qsilk.clamp", "qsilk.aqclip", "qsilk.probe", "qsilk.settings", "qsilk.stabilizer"} <= set(CORE_MODULES)
+    assert {"qsilk.clamp", "qsilk.aqclip", "qsilk.probe", "qsilk.settings", "qsilk.stabilizer",
+            "qsilk.hosts.patcher", "qsilk.hosts.comfy"} <= set(CORE_MODULES)
 
 
 @pytest.mark.parametrize("name", CORE_MODULES)

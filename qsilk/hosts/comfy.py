@@ -25,10 +25,9 @@ functions put there are closures, which ``deepcopy`` keeps as they are) carrying
   (attached only while a run of this model samples) and an observing ``attn1_patch`` that returns
   its inputs unchanged; an identity post-CFG "fence" put first takes the map before other nodes'
   post-CFG functions (SAG, PAG) run extra UNet passes. No ``patches_replace`` key is taken. The
-  bookkeeping (``observe`` / ``take_map`` / row selection) is Forge's (`ForgeJob`): ComfyUI's
-  ``transformer_options`` carry the same ``block``, ``block_index``, ``cond_or_uncond``, ``sigmas``
-  (the evaluation's sigma tensor, the same object as the post-CFG ``sigma``) and
-  ``original_shape``. Models without UNet self-attention (Flux, SD3, Chroma, …) get Lite
+  bookkeeping is the Forge family's (`qsilk.hosts.patcher.AttentionCapture`): Forge copied
+  ComfyUI's ``transformer_options`` (``block``, ``block_index``, ``cond_or_uncond``, ``sigmas`` — the
+  evaluation's σ tensor, the same object as the post-CFG ``sigma`` — and ``original_shape``). Models without UNet self-attention (Flux, SD3, Chroma, …) get Lite
   confidence with a console note; video latents ``(B, C, T, H, W)`` (Wan, Hunyuan video) are
   stabilised frame by frame (`Stabilizer`) and skip the probe.
 
@@ -46,7 +45,7 @@ from ..probe import find_probe_layer
 from ..settings import Settings
 from ..stabilizer import Stabilizer
 from . import common
-from .forge import ForgeJob
+from .patcher import AttentionCapture, attn1_observer, fence_function, wants_probe
 
 log = logging.getLogger("qsilk")
 
@@ -76,9 +75,9 @@ def patch_model(model: Any, settings: Settings) -> Any:
     if state.per_step:
         patched.set_model_sampler_post_cfg_function(_mark(_post_cfg_function(state)))
         if state.wants_probe and _probe_layer(patched) is not None:
-            patched.set_model_attn1_patch(_mark(_attn1_observer(state)))
+            patched.set_model_attn1_patch(_mark(attn1_observer(state.capture, state.window_open, state.glue_error)))
             options = patched.model_options  # the clone's own dict: a new list, the fence first
-            options["sampler_post_cfg_function"] = [_mark(_fence_function(state)),
+            options["sampler_post_cfg_function"] = [_mark(fence_function(state.capture, state.glue_error)),
                                                     *options["sampler_post_cfg_function"]]
     patched.add_wrapper_with_key(SAMPLER_SAMPLE, WRAPPER_KEY, _mark(_sampler_wrapper(state)))
     return patched
@@ -132,20 +131,31 @@ class _RunState:
         self.settings = settings
         self.per_step = bool((s.qsilk_enabled and s.qsilk_placement == "per_step")
                              or (s.aqclip_enabled and s.aqclip_placement == "per_step"))
-        self.wants_probe = bool(s.aqclip_enabled and s.aqclip_mode == "attn" and s.aqclip_placement == "per_step")
+        self.wants_probe = wants_probe(settings)
         self.run: ComfyRun | None = None
         self.last_report: dict | None = None
 
+    # what the patcher's closures ask, answered by the run now sampling (if any)
+    def capture(self) -> AttentionCapture | None:
+        return self.run.capture if self.run is not None else None
+
+    def window_open(self) -> bool:
+        return self.run is not None and self.run.evaluation_in_window()
+
+    def glue_error(self, where: str, exc: BaseException) -> None:
+        if self.run is not None:
+            self.run.glue_error(where, exc)
+
 
 # -- one sampler run -----------------------------------------------------------------------------
-class ComfyRun(ForgeJob):
-    """One sampler run. Reuses Forge's probe bookkeeping (`ForgeJob.observe`, ``take_map``,
-    ``_prepare_probe``, ``release``); ``p`` is the CFG guider, which has no infotext."""
+class ComfyRun:
+    """One sampler run: its `Stabilizer` (fresh state), attention capture and step window."""
 
-    def __init__(self, guider: Any, settings: Settings, sampler: Any, sigmas: Any, denoise_mask: Any):
-        super().__init__(guider, settings, Stabilizer(settings))
-        self.family = HOST
-        self._sampler = sampler  # marks the run as sampling for `ForgeJob.observe`
+    def __init__(self, settings: Settings, sampler: Any, sigmas: Any, denoise_mask: Any):
+        self.settings = settings
+        self.stabilizer = Stabilizer(settings)
+        self.capture = AttentionCapture(settings, self.note)
+        self.glue_errors = 0
         self._sigmas = sigmas if isinstance(sigmas, torch.Tensor) else None
         self._schedule: list[float] | None = None
         s = settings
@@ -155,22 +165,29 @@ class ComfyRun(ForgeJob):
         name = getattr(getattr(sampler, "sampler_function", None), "__name__", "")
         self.stabilizer.begin_pass(evaluations_per_step=2 if name in common.SECOND_ORDER_LAST_SINGLE else 1)
 
+    def note(self, message: str) -> None:
+        self.stabilizer.note(message)
+
     def start_probe(self, guider: Any, latent: Any) -> None:
         """Hook the probed layer for this run (call `release` afterwards, also on error)."""
-        if not self.wants_probe:
+        if not wants_probe(self.settings):
             return
         patcher = getattr(guider, "model_patcher", None)
+        diffusion_model = getattr(getattr(patcher, "model", None), "diffusion_model", None)
         if isinstance(latent, torch.Tensor) and latent.dim() == 5:
-            model = type(getattr(getattr(patcher, "model", None), "diffusion_model", None)).__name__
-            self.note(f"video latent ({model}): each frame is stabilised as an image; AQClip uses Lite "
-                      "confidence (no attention probe on video models)")
+            self.note(f"video latent ({type(diffusion_model).__name__}): each frame is stabilised as an image; "
+                      "AQClip uses Lite confidence (no attention probe on video models)")
             return
-        if patcher is not None:
-            self._prepare_probe(patcher, guider)
+        if patcher is not None and self.capture.prepare(diffusion_model, type(diffusion_model).__name__):
+            self.capture.begin_pass()
+
+    def release(self) -> None:
+        self.capture.detach()
 
     # -- step window: the evaluation's σ in the run's schedule ------------------------------------
-    def _position(self) -> tuple[int | None, int | None]:
-        return self._position_of(self._ev_sigmas)
+    def evaluation_in_window(self) -> bool:
+        """For the probe, at the first UNet call of an evaluation: is it inside the step window?"""
+        return self.stabilizer.in_window(*self._position_of(self.capture.evaluation_sigmas))
 
     def _position_of(self, sigma: Any) -> tuple[int | None, int | None]:
         """(evaluation index, count) from σ; (None, None) when the window is the whole run (no
@@ -184,9 +201,8 @@ class ComfyRun(ForgeJob):
     # -- per evaluation ---------------------------------------------------------------------------
     def post_cfg(self, args: Mapping[str, Any]) -> torch.Tensor:
         x0, sigma = args["denoised"], args.get("sigma")
-        self.take_map(args)
-        probe_map = self._ev_map if self._ev_sigmas is sigma else None
-        self._ev_map = None
+        self.capture.take_map(args)
+        probe_map = self.capture.map_for(sigma)
         if not isinstance(x0, torch.Tensor) or x0.dim() not in (4, 5):
             if not self._shape_noted:
                 self._shape_noted = True
@@ -250,7 +266,7 @@ def _sampler_wrapper(state: _RunState) -> Callable:
         try:
             guider, sigmas = _arg(args, kwargs, 0, "model_wrap"), _arg(args, kwargs, 1, "sigmas")
             noise, mask = _arg(args, kwargs, 4, "noise"), _arg(args, kwargs, 6, "denoise_mask")
-            run = ComfyRun(guider, state.settings, getattr(executor, "class_obj", None), sigmas, mask)
+            run = ComfyRun(state.settings, getattr(executor, "class_obj", None), sigmas, mask)
             run.start_probe(guider, noise)
         except Exception:
             log.exception("QSilk: could not start on this sampler run; it runs without QSilk")
@@ -281,7 +297,7 @@ def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
 def _post_cfg_function(state: _RunState) -> Callable[[dict], torch.Tensor]:
     def qsilk_post_cfg(args):
         run, x0 = state.run, args["denoised"]
-        if run is None or run.closed:
+        if run is None:
             return x0
         try:
             return run.post_cfg(args)
@@ -290,34 +306,6 @@ def _post_cfg_function(state: _RunState) -> Callable[[dict], torch.Tensor]:
             return x0
 
     return qsilk_post_cfg
-
-
-def _fence_function(state: _RunState) -> Callable[[dict], torch.Tensor]:
-    def qsilk_probe_fence(args):
-        run = state.run
-        if run is not None and not run.closed:
-            try:
-                run.take_map(args)
-            except Exception as exc:
-                run.glue_error("reading the attention map", exc)
-        return args["denoised"]
-
-    return qsilk_probe_fence
-
-
-def _attn1_observer(state: _RunState) -> Callable:
-    def qsilk_attn1_observer(n, context, value, extra_options):
-        run = state.run
-        block = run._probe_block if run is not None else None
-        if (block is not None and not run.closed and extra_options.get("block") == block[0]
-                and extra_options.get("block_index", 0) == block[1]):
-            try:
-                run.observe(extra_options)
-            except Exception as exc:
-                run.glue_error("observing attention", exc)
-        return n, context, value
-
-    return qsilk_attn1_observer
 
 
 # -- the LATENT stage --------------------------------------------------------------------------------

@@ -21,16 +21,10 @@ What is installed, from the script's ``process_before_every_sampling`` (Forge re
   decode for an image upscaler, the latent upscale, the hires final decode, the final decode.
 - **Refiner switch**: a job-scoped ``on_cfg_denoiser`` guard re-installs on the refiner's patcher
   (the switch reloads the model inside the denoiser without calling the hook).
-- **Entropy probe** (SD1.x/SD2/SDXL UNets): forward hooks on the probed ``attn1``'s ``to_q`` /
-  ``to_k`` (`EntropyProbe`) and an *observing* ``attn1_patch`` (the patch list composes) that
-  returns its inputs unchanged and reads ``cond_or_uncond`` / ``sigmas`` / ``original_shape``. No
-  attention *replace* key is taken, so SAG / PAG / StyleAlign keep theirs. The ``sigmas`` tensor
-  of one evaluation is the same object in every UNet call of it and in the post-CFG args, which
-  tells evaluations apart. An identity post-CFG function put *first* in the list (the "fence")
-  takes the map as soon as the evaluation's own UNet calls are done, so the extra UNet passes
-  SAG / PAG run from their post-CFG functions are not mixed in; more cond chunks than the
-  evaluation has conds before the fence (a reference-style extra pass inside the UNet call) makes
-  that evaluation's map ambiguous: no map. DiT models (Flux, Flux.2, SD3, Chroma, Z-Image,
+- **Entropy probe** (SD1.x/SD2/SDXL UNets): `qsilk.hosts.patcher.AttentionCapture` — forward
+  hooks on the probed ``attn1``'s ``to_q`` / ``to_k``, an *observing* ``attn1_patch`` (the patch
+  list composes) and an identity post-CFG "fence" put first; no attention *replace* key is taken,
+  so SAG / PAG / StyleAlign keep theirs. DiT models (Flux, Flux.2, SD3, Chroma, Z-Image,
   Qwen-Image, Wan, Anima) have no UNet self-attention and Neo patches no DiT attention: AQClip uses
   Lite there, with a visible note naming the model. Wan-VAE models on Neo (Wan, Qwen-Image, Anima)
   sample 5-D latents ``(B, C, T, H, W)``; the `Stabilizer` treats each latent frame as an image.
@@ -48,19 +42,17 @@ runs (released in ``finally``: an error skips ``postprocess``).
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import weakref
 from typing import Any, Callable
 
 import torch
 
-from .. import probe as _probe
-from ..probe import EntropyProbe, find_probe_layer
 from ..settings import Settings
 from ..stabilizer import Stabilizer
 from . import common
 from .common import expected_evaluations
+from .patcher import AttentionCapture, attn1_observer, fence_function, wants_probe
 
 log = logging.getLogger("qsilk")
 
@@ -69,10 +61,6 @@ JOB_ATTR = "_qsilk_job"
 
 #: Jobs not ended yet, so that `cleanup_all` and the next job can release their module hooks.
 _LIVE_JOBS: "weakref.WeakSet[ForgeJob]" = weakref.WeakSet()
-
-_TRANSFORMER_ATTN1 = re.compile(r"(?:^|\.)(input_blocks|middle_block|output_blocks)(?:\.(\d+))?\.\d+"
-                                r"\.transformer_blocks\.(\d+)\.attn1$")
-_BLOCK_KIND = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
 
 
 # -- the adapter function set (see qsilk.hosts) ----------------------------------------------
@@ -148,29 +136,25 @@ class ForgeJob:
         self.notes_posted = 0
         self._p = weakref.ref(p)
         s = settings
-        self.wants_probe = bool(s.aqclip_enabled and s.aqclip_mode == "attn" and s.aqclip_placement == "per_step")
+        self.wants_probe = wants_probe(settings)
         self.per_step = bool((s.qsilk_enabled and s.qsilk_placement == "per_step")
                              or (s.aqclip_enabled and s.aqclip_placement == "per_step")
                              or stabilizer.preconditioner is not None)
-        self.probe: EntropyProbe | None = None
-        self._probe_module: torch.nn.Module | None = None
-        self._probe_block: tuple[tuple[str, int], int] | None = None
+        self.capture = AttentionCapture(settings, self.note)
         self._wrapped: list[tuple[Any, str, Callable, bool, Callable]] = []  # sampler, name, wrapper, had_own, original
         self._pass_active = False
         self._sampler: Any = None
         self._total: int | None = None
         self._timesteps_count: int | None = None
-        # the evaluation the probe is capturing; see `observe`
-        self._ev_sigmas: Any = None
-        self._ev_open = False
-        self._ev_cond_chunks = 0
-        self._ev_chunks: tuple[int, ...] | None = None
-        self.ambiguous_evaluations = 0
-        self._ev_map: torch.Tensor | None = None
         self._guard: Callable | None = None
         self.post_cfg_function = _post_cfg_function(self)
-        self.fence_function = _fence_function(self)
-        self.attn1_observer = _attn1_observer(self)
+        live = lambda: None if self.closed else self.capture  # noqa: E731 (closures Forge holds)
+        self.fence_function = fence_function(live, self.glue_error)
+        self.attn1_observer = attn1_observer(live, self._evaluation_in_window, self.glue_error)
+
+    @property
+    def ambiguous_evaluations(self) -> int:
+        return self.capture.ambiguous_evaluations
 
     # -- per pass ---------------------------------------------------------------------------
     def install(self, p: Any) -> None:
@@ -185,33 +169,12 @@ class ForgeJob:
             return  # this patcher (or the one it was cloned from) already has it
         unet = unet.clone()
         unet.set_model_sampler_post_cfg_function(self.post_cfg_function)
-        if self.wants_probe and self._prepare_probe(unet, p):
+        diffusion_model = getattr(getattr(unet, "model", None), "diffusion_model", None)
+        if self.wants_probe and self.capture.prepare(diffusion_model, model_name(p, diffusion_model)):
             unet.set_model_attn1_patch(self.attn1_observer)
             options = unet.model_options  # the clone's own (deep-copied) dict: a new list goes first
             options["sampler_post_cfg_function"] = [self.fence_function, *options["sampler_post_cfg_function"]]
         forge_objects.unet = unet
-
-    def _prepare_probe(self, unet: Any, p: Any) -> bool:
-        """Hook the probed layer of this patcher's UNet; False (and a note) where there is none."""
-        diffusion_model = getattr(getattr(unet, "model", None), "diffusion_model", None)
-        found = find_probe_layer(diffusion_model) if isinstance(diffusion_model, torch.nn.Module) else None
-        if found is None:
-            self.note(f"no UNet self-attention on this model ({model_name(p, diffusion_model)}): AQClip uses "
-                      "Lite confidence (the micro-clamp is unaffected)")
-            return False
-        block = transformer_block_of(found[0])
-        if block is None:
-            self.note(f"attention probe: unknown UNet layout ({found[0]}); AQClip uses Lite confidence")
-            return False
-        name, module = found
-        if self.probe is None:  # probe_queries 0 = auto (1024 on CUDA, 256 on CPU)
-            self.probe = EntropyProbe(heads=self.settings.probe_heads, max_queries=self.settings.probe_queries)
-        if self._probe_module is not module or not self.probe.attached:
-            factor_of = getattr(_probe, "probe_layer_factor", None)
-            self.probe.attach(module, factor=factor_of(diffusion_model, name) if factor_of else None)
-            self._probe_module = module
-        self._probe_block = block
-        return True
 
     def _wrap_sampler(self, sampler: Any) -> None:
         for name in ("sample", "sample_img2img", "get_timesteps"):
@@ -232,12 +195,13 @@ class ForgeJob:
         is_hr = bool(getattr(p, "is_hr_pass", False))
         self.stabilizer.begin_pass(evaluations_per_step=_evaluations_per_step(sampler), is_hires=is_hr)
         self._pass_active = self.settings.hires or not is_hr
-        self._sampler, self._total, self._ev_sigmas, self._ev_open, self._ev_map = sampler, None, None, False, None
-        self._timesteps_count = None
+        self._sampler, self._total, self._timesteps_count = sampler, None, None
+        self.capture.begin_pass()
         try:
             samples = original(*args, **kwargs)
         finally:
-            self._sampler = self._ev_sigmas = None
+            self._sampler = None
+            self.capture.end_pass()
         if (self.closed or not self._pass_active or not isinstance(samples, torch.Tensor)
                 or samples.dim() not in (4, 5)):
             return samples
@@ -263,54 +227,14 @@ class ForgeJob:
         total = self._total
         return (min(step, total - 1) if total else step), total
 
-    def observe(self, extra_options: dict) -> None:
-        """At the probed block's ``attn1_patch``, just before its ``to_q`` / ``to_k`` run."""
-        sigmas = extra_options.get("sigmas")
-        chunks = extra_options.get("cond_or_uncond")
-        shape = extra_options.get("original_shape")
-        self._ev_chunks = None
-        if self.probe is None or self._sampler is None or sigmas is None or not chunks or not shape:
-            return
-        if sigmas is not self._ev_sigmas:  # the first UNet call of a new evaluation
-            self._ev_sigmas, self._ev_cond_chunks, self._ev_map = sigmas, 0, None
-            step, total = self._position()
-            self._ev_open = self.stabilizer.in_window(step, total)
-            if self._ev_open:
-                self.probe.begin_evaluation((int(shape[-2]), int(shape[-1])), int(shape[0]) // len(chunks),
-                                            self._select_rows)
-        if not self._ev_open:  # outside the window, or the map was taken (extra passes after the fence)
-            return
-        self._ev_chunks = tuple(int(c) for c in chunks)
-        self._ev_cond_chunks += self._ev_chunks.count(0)
-
-    def _select_rows(self, rows: int) -> list[tuple[int, int]] | None:
-        """Cond rows of this UNet call: chunk c holds rows c·B … c·B+B−1, and row r is image r."""
-        chunks, self._ev_chunks = self._ev_chunks, None
-        if not chunks or rows % len(chunks):
-            return None
-        b = rows // len(chunks)
-        return [(c * b + r, r) for c, kind in enumerate(chunks) if kind == 0 for r in range(b)] or None
-
-    def take_map(self, args: dict) -> None:
-        """The evaluation's own UNet calls are done (the fence, or else our post-CFG function):
-        close the capture and keep its map for the post-CFG step of the same evaluation."""
-        if not (self._ev_open and self._ev_sigmas is args.get("sigma") and self.probe is not None):
-            return
-        self._ev_open = False
-        conds = args.get("cond")
-        if isinstance(conds, (list, tuple)) and self._ev_cond_chunks > len(conds):
-            self.ambiguous_evaluations += 1
-            self.probe.mark_ambiguous("cond rows seen twice in one evaluation (an extra UNet pass by "
-                                      "another extension)")
-        self._ev_map = self.probe.take_map()
-        if self._ev_map is None:
-            self.note(f"attention map unavailable ({self.probe.last_failure or 'no capture'}); AQClip used Lite")
+    def _evaluation_in_window(self) -> bool:
+        """For the probe, at the first UNet call of an evaluation: is it inside the step window?"""
+        return self.stabilizer.in_window(*self._position())
 
     def post_cfg(self, args: dict) -> torch.Tensor:
         x0, sigma = args["denoised"], args.get("sigma")
-        self.take_map(args)
-        probe_map = self._ev_map if self._ev_sigmas is sigma else None
-        self._ev_map = None
+        self.capture.take_map(args)
+        probe_map = self.capture.map_for(sigma)
         step, total = self._position()
         c_skip = skip_factor(args.get("model"), sigma) if self.stabilizer.preconditioner is not None else None
         return self.stabilizer.post_cfg(x0, step, total, probe_map, sigma=sigma,
@@ -381,9 +305,7 @@ class ForgeJob:
             self._remove_refiner_guard()
         except Exception:  # never let cleanup hide the job's own result or exception
             log.exception("QSilk: removing the cfg_denoiser callback failed")
-        if self.probe is not None:
-            self.probe.detach()
-        self._probe_module = None
+        self.capture.detach()
         for sampler, name, wrapper, had_own, original in self._wrapped:
             if getattr(sampler, "__dict__", {}).get(name) is wrapper:
                 if had_own:
@@ -391,7 +313,7 @@ class ForgeJob:
                 else:
                     delattr(sampler, name)
         self._wrapped.clear()
-        self._sampler = self._ev_sigmas = self._ev_map = None
+        self._sampler = None
 
     def close(self) -> None:
         """End of the job: release, and make every closure still held by Forge pass through."""
@@ -425,32 +347,6 @@ def _refiner_guard(job: ForgeJob) -> Callable[[Any], None]:
     return qsilk_refiner_guard
 
 
-def _fence_function(job: ForgeJob) -> Callable[[dict], torch.Tensor]:
-    def qsilk_probe_fence(args):
-        if not job.closed:
-            try:
-                job.take_map(args)
-            except Exception as exc:
-                job.glue_error("reading the attention map", exc)
-        return args["denoised"]
-
-    return qsilk_probe_fence
-
-
-def _attn1_observer(job: ForgeJob) -> Callable:
-    def qsilk_attn1_observer(n, context, value, extra_options):
-        block = job._probe_block
-        if (block is not None and not job.closed and extra_options.get("block") == block[0]
-                and extra_options.get("block_index", 0) == block[1]):
-            try:
-                job.observe(extra_options)
-            except Exception as exc:
-                job.glue_error("observing attention", exc)
-        return n, context, value
-
-    return qsilk_attn1_observer
-
-
 def _timesteps_wrapper(job: ForgeJob, original: Callable) -> Callable:
     def qsilk_get_timesteps(*args, **kwargs):
         timesteps = original(*args, **kwargs)
@@ -475,22 +371,6 @@ def _pass_wrapper(job: ForgeJob, sampler: Any, original: Callable) -> Callable:
 
 
 # -- small pure helpers ----------------------------------------------------------------------
-def transformer_block_of(name: str) -> tuple[tuple[str, int], int] | None:
-    """The ``(extra_options["block"], extra_options["block_index"])`` that Forge's patches see in
-    the transformer block holding the named ``attn1``.
-
-    >>> transformer_block_of("output_blocks.11.1.transformer_blocks.0.attn1")
-    (('output', 11), 0)
-    >>> transformer_block_of("middle_block.1.transformer_blocks.3.attn1")
-    (('middle', 0), 3)
-    """
-    m = _TRANSFORMER_ATTN1.search(name)
-    if m is None:
-        return None
-    kind, number, index = m.groups()
-    return (_BLOCK_KIND[kind], int(number or 0)), int(index)
-
-
 def _evaluations_per_step(sampler: Any) -> int:
     options = getattr(getattr(sampler, "config", None), "options", None) or {}
     return 2 if options.get("second_order", False) else 1

@@ -24,6 +24,7 @@ from doubles.forge_backend import (BACKEND_FAMILIES, FORGE_CLASSIC, FORGE_NEO, F
 
 from qsilk.hosts import forge  # noqa: E402
 from qsilk.hosts import common  # noqa: E402
+from qsilk.hosts import patcher  # noqa: E402
 from qsilk.probe import entropy_map, find_probe_layer, upsample_to_latent  # noqa: E402
 from qsilk.settings import Settings  # noqa: E402
 from qsilk.stabilizer import Stabilizer  # noqa: E402
@@ -562,5 +563,5 @@ def test_skip_factor_and_noisy_input_reach_the_preconditioner(family, prediction
 
 
 def test_transformer_block_names():
-    assert forge.transformer_block_of("diffusion_model.output_blocks.3.1.transformer_blocks.1.attn1") == (("output", 3), 1)
-    assert forge.transformer_block_of("up_blocks.3.attentions.2.transformer_blocks.0.attn1") is None
+    assert patcher.transformer_block_of("diffusion_model.output_blocks.3.1.transformer_blocks.1.attn1") == (("output", 3), 1)
+    assert patcher.transformer_block_of("up_blocks.3.attentions.2.transformer_blocks.0.attn1") is None
