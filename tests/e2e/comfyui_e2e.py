@@ -614,23 +614,30 @@ def run_checks(server: Comfy, res: Results, args, ckpt_name: str):
     res.check("f2. QSilkModelAdvanced tile=3 (below its minimum) is refused",
               refused(adv, qid, "tile"))
 
-    def after_other_patch(node):
+    def after_other_patch(node, size):
         def check():
             ensure(node in info, f"{node} is not in this ComfyUI")
             p = set_inputs(set_inputs(txt, "QSilkModel", enabled=True, preset="Balanced"),
                            "QSilkLatent", enabled=True, preset="Balanced")
+            p = set_inputs(p, "EmptyLatentImage", width=size, height=size)
             defaults = {k: _spec_opts(v).get("default") for k, v in info[node]["input"]["required"].items()
                         if _spec_type(v) in WIDGET_TYPES}
             p["900"] = {"class_type": node, "inputs": {"model": p[qid]["inputs"]["model"], **defaults}}
             p[qid]["inputs"]["model"] = ["900", 0]
-            px, entry = pixels(p, "after_" + node)
-            ensure(len(set(px)) > 8, "uniform image")
+            entry = server.run(set_inputs(p, "SaveImage", filename_prefix=f"qsilk_e2e/after_{node}"),
+                               args.prompt_timeout)
+            w, h, _, px = server.image(entry, save)
+            ensure((w, h) == (size, size) and len(set(px)) > 8, f"{w}×{h} image, {len(set(px))} distinct values")
             ensure(sampler_summaries(entry["log"]), f"no QSilk sampler summary: {summaries(entry['log'])}")
-            return f"{node} {defaults} → QSilk (model): " + " | ".join(sampler_summaries(entry["log"]))
+            return f"{size}×{size}, {node} {defaults} → QSilk (model): " + " | ".join(sampler_summaries(entry["log"]))
         return check
 
-    res.check("g1. QSilk (model) after PerturbedAttentionGuidance runs", after_other_patch("PerturbedAttentionGuidance"))
-    res.check("g2. QSilk (model) after SelfAttentionGuidance runs", after_other_patch("SelfAttentionGuidance"))
+    res.check("g1. QSilk (model) after PerturbedAttentionGuidance runs",
+              after_other_patch("PerturbedAttentionGuidance", args.size))
+    # SAG needs a middle-block attention map of more than one token: an 8×8 latent (64 px) makes it
+    # fail in ComfyUI's own create_blur_map (total 1 → no divisor), with or without QSilk.
+    res.check("g2. QSilk (model) after SelfAttentionGuidance runs (128×128: SAG fails below)",
+              after_other_patch("SelfAttentionGuidance", max(args.size, 128)))
 
     def advanced_runs():
         p = advanced_prompt(txt, info, qid)
