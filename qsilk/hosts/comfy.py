@@ -281,7 +281,8 @@ def _sampler_wrapper(state: _RunState) -> Callable:
             run.release()
         out = run.finish(samples)
         try:
-            state.last_report = common.present_report(run.stabilizer.report(), run.stabilizer, None, HOST)
+            state.last_report = common.present_report(run.stabilizer.report(), run.stabilizer, None, HOST,
+                                                       echo=False)
         except Exception:
             log.exception("QSilk: writing the run's summary failed")
         return out
@@ -335,7 +336,7 @@ def stabilize_latent(latent: Mapping[str, Any], settings: Settings) -> Mapping[s
                     tuple(getattr(latent.get("noise_mask"), "shape", ())), tuple(x.shape), exc)
         return latent
     out = stabilizer.pre_decode(x, nmask=nmask)
-    common.present_report(stabilizer.report(), stabilizer, None, HOST)
+    common.present_report(stabilizer.report(), stabilizer, None, HOST, echo=False)
     result = dict(latent)
     result["samples"] = out
     return result

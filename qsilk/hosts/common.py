@@ -62,6 +62,7 @@ def expected_evaluations(sampler: Any, denoiser: Any, timesteps_count: int | Non
 #: Settings-page option keys (``shared.opts``); section ``("qsilk", "QSilk")``.
 OPT_ENABLED_BY_DEFAULT = "qsilk_enabled_by_default"
 OPT_DEFAULT_PRESET = "qsilk_default_preset"
+OPT_CONSOLE_SUMMARY = "qsilk_console_summary"
 SETTINGS_SECTION = ("qsilk", "QSilk")
 
 #: Attribute on a processing object ``p`` holding XYZ per-cell overrides (``{param: value}``).
@@ -95,8 +96,9 @@ def default_settings(opts: Any) -> Settings:
 def register_settings_options(shared: Any, gr: Any = None) -> None:
     """Add QSilk's section to the WebUI settings page (call from ``on_ui_settings``).
 
-    ``shared`` is the WebUI's ``modules.shared`` (``opts``, ``OptionInfo``). Both options only set
-    the *defaults* of the controls, so they take effect after "Reload UI".
+    ``shared`` is the WebUI's ``modules.shared`` (``opts``, ``OptionInfo``). The first two options
+    only set the *defaults* of the controls, so they take effect after "Reload UI"; the console
+    summary is read at the end of every job.
     """
     info_cls = shared.OptionInfo
     preset_kwargs: dict[str, Any] = {}
@@ -110,11 +112,13 @@ def register_settings_options(shared: Any, gr: Any = None) -> None:
                                       **preset_kwargs)),
     ]
     for key, info in options:
-        for chained in ("needs_reload_ui",):  # v1.6+ helper; harmless if a fork lacks it
-            method = getattr(info, chained, None)
-            if callable(method):
-                info = method() or info
+        method = getattr(info, "needs_reload_ui", None)  # v1.6+ helper; harmless if a fork lacks it
+        if callable(method):
+            info = method() or info
         shared.opts.add_option(key, info)
+    shared.opts.add_option(OPT_CONSOLE_SUMMARY, info_cls(
+        True, "Print one summary line per job in the console (otherwise it is logged at INFO, which the "
+        "WebUIs show only when started with --loglevel INFO)", section=SETTINGS_SECTION))
 
 
 # -- script arguments ------------------------------------------------------------------------
@@ -456,13 +460,33 @@ def _preconditioner(p: Any, settings: Settings, notes: list[str]) -> Any:
         return None
 
 
-def present_report(report: dict, stabilizer: Stabilizer, processed: Any, host: str) -> dict:
-    """End of a job: the one-line summary in the log, and on ``processed`` the Show-maps images
-    and the run's notes (in the comments the UI shows under the gallery). Returns `report`."""
-    log.info("QSilk (%s): %d pass(es), %d evaluation(s) stabilised: %d attention map(s), %d Lite fallback(s); "
-             "%d pre-decode(s), %.3f s%s",
-             host, report["passes"], report["evaluations"], report["attn_maps"], report["lite_fallbacks"],
-             report["pre_decodes"], report["seconds"], "".join(f"; {n}" for n in report["notes"]))
+def summary_line(report: dict, host: str) -> str:
+    """The one-line summary of a job (or a ComfyUI sampler run)."""
+    return (f"QSilk ({host}): {report['passes']} pass(es), {report['evaluations']} evaluation(s) stabilised: "
+            f"{report['attn_maps']} attention map(s), {report['lite_fallbacks']} Lite fallback(s); "
+            f"{report['pre_decodes']} pre-decode(s), {report['seconds']:.3f} s"
+            + "".join(f"; {n}" for n in report["notes"]))
+
+
+def console_summary_wanted() -> bool:
+    """The settings page's "summary line in the console" option (on by default; on outside a WebUI)."""
+    opts = getattr(sys.modules.get("modules.shared"), "opts", None)
+    return bool(getattr(opts, OPT_CONSOLE_SUMMARY, True))
+
+
+def present_report(report: dict, stabilizer: Stabilizer, processed: Any, host: str, *,
+                   echo: bool | None = None) -> dict:
+    """End of a job: the one-line summary, and on ``processed`` the Show-maps images and the run's
+    notes (in the comments the UI shows under the gallery). Returns `report`.
+
+    The WebUIs show INFO only when started with ``--loglevel INFO``, so by default (`echo`, from
+    the settings page when None) the line is printed to the console, as WebUI extensions do;
+    otherwise it is logged at INFO (ComfyUI shows INFO: it passes ``echo=False``)."""
+    line = summary_line(report, host)
+    if console_summary_wanted() if echo is None else echo:
+        print(line, flush=True)
+    else:
+        log.info("%s", line)
     if processed is None:
         return report
     if stabilizer.settings.show_maps and stabilizer.last_maps and getattr(processed, "images", None):

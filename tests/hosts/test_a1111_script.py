@@ -135,9 +135,10 @@ def test_settings_page_options_and_defaults(webui):
     webui.script_callbacks.ui_settings_callback()  # nothing registered yet: no script loaded
     h = d.Harness(str(ROOT), webui)
     webui.script_callbacks.ui_settings_callback()
-    for key in (common.OPT_ENABLED_BY_DEFAULT, common.OPT_DEFAULT_PRESET):
+    for key in (common.OPT_ENABLED_BY_DEFAULT, common.OPT_DEFAULT_PRESET, common.OPT_CONSOLE_SUMMARY):
         info = opts.data_labels[key]
         assert info.section == ("qsilk", "QSilk")
+    assert opts.data_labels[common.OPT_CONSOLE_SUMMARY].default is True
     assert opts.data_labels[common.OPT_DEFAULT_PRESET].component_args == {"choices": list(PRESETS)}
     assert h.defaults[:2] == [False, "Gentle"]
     assert h.defaults == Settings.from_preset("Gentle", enabled=False).to_args()
@@ -253,3 +254,13 @@ def test_map_images_are_greyscale_at_output_size():
     assert img.size == (64, 32) and img.mode == "RGB"
     px = img.getpixel((0, 0)), img.getpixel((63, 31))
     assert px[0] == (0, 0, 0) and px[1] == (255, 255, 255)
+
+
+def test_each_job_prints_its_summary_line_unless_the_settings_page_says_not(harness, webui, capsys):
+    harness.txt2img([{"preset": "Balanced"}], **SMALL)
+    printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("QSilk (")]
+    assert len(printed) == 1 and printed[0].startswith("QSilk (a1111): 1 pass(es), 2 evaluation(s) stabilised: "
+                                                       "2 attention map(s), 0 Lite fallback(s); ")
+    webui.opts.data[common.OPT_CONSOLE_SUMMARY] = False
+    harness.txt2img([{"preset": "Balanced"}], **SMALL)
+    assert not [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("QSilk (")]

@@ -223,9 +223,16 @@ def test_nan_latent_passes_through_and_is_recorded_in_the_images_infotext(host):
 
 
 @pytest.mark.parametrize("host", FAMILIES, indirect=True)
-def test_the_log_line_names_the_host_family(host, caplog):
+def test_the_console_line_names_the_host_family(host, capsys, caplog):
+    """Printed by default (the WebUIs hide INFO unless started with --loglevel INFO); with the
+    settings page's option off, logged at INFO instead."""
     h, _ = host
+    run(host, [{"preset": "Balanced"}], steps=2)
+    printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("QSilk (")]
+    assert printed == [f"QSilk ({h.family}): 1 pass(es), 2 evaluation(s) stabilised: 2 attention map(s), "
+                       "0 Lite fallback(s); 0 pre-decode(s), " + printed[0].split("pre-decode(s), ")[1]]
+    h.env.opts.qsilk_console_summary = False
     with caplog.at_level("INFO", logger="qsilk"):
         run(host, [{"preset": "Balanced"}], steps=2)
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("QSilk (")]
-    assert lines and lines[-1].startswith(f"QSilk ({h.family}): 1 pass(es), 2 evaluation(s)"), lines
+    assert not [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("QSilk (")]
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"QSilk ({h.family}): 1 pass")]

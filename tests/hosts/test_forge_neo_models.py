@@ -93,7 +93,7 @@ def hard_clamp_oracle(x0: torch.Tensor, q_lo: float, q_hi: float) -> torch.Tenso
 
 
 @pytest.mark.parametrize("kind", DIT_KINDS)
-def test_every_family_runs_balanced_with_lite_and_a_note_naming_the_model(neo, kind, caplog):
+def test_every_family_runs_balanced_with_lite_and_a_note_naming_the_model(neo, kind, caplog, capsys):
     channels, video = fw.DIT_FAMILIES[kind]
     with caplog.at_level(logging.INFO, logger="qsilk"):
         p, out, ins, outs = run(neo, [{"preset": "Balanced"}], kind, cfg_scale=1.0, steps=3, frames=3 if video else 1)
@@ -108,7 +108,9 @@ def test_every_family_runs_balanced_with_lite_and_a_note_naming_the_model(neo, k
     assert p.extra_generation_params[INFOTEXT_KEY] == "v=1; preset=Balanced"
     console = [r.getMessage() for r in caplog.records]
     assert any(f"({engine})" in m and "Lite" in m for m in console)  # the note reaches the console
-    assert any(m.startswith("QSilk (forge_neo): 1 pass(es), 3 evaluation(s)") for m in console)
+    summary = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("QSilk (")]
+    assert len(summary) == 1 and summary[0].startswith("QSilk (forge_neo): 1 pass(es), 3 evaluation(s) "
+                                                       "stabilised: 0 attention map(s), 3 Lite fallback(s)")
     assert torch.isfinite(torch.stack(out.samples)).all()
     assert len(out.samples) == (3 if video else 1)  # a Wan-VAE latent decodes one image per frame here
 
