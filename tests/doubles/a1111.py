@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import load_script  # noqa: F401  (Harness uses it; shared with the Forge double)
+from .k_diffusion import sample_euler, sample_heun
 
 _webui: "WebUI | None" = None  # the installed double (the real WebUI is global state too)
 
@@ -326,37 +327,6 @@ class CompVisVDenoiser(CompVisDenoiser):
 
     def get_scalings(self, sigma):
         return 1 / (sigma ** 2 + 1), -sigma / (sigma ** 2 + 1) ** 0.5, 1 / (sigma ** 2 + 1) ** 0.5
-
-
-def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None):
-    extra_args = extra_args or {}
-    s_in = x.new_ones([x.shape[0]])
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        d = (x - denoised) / sigmas[i]
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        x = x + d * (sigmas[i + 1] - sigmas[i])
-    return x
-
-
-def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None):
-    extra_args = extra_args or {}
-    s_in = x.new_ones([x.shape[0]])
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        d = (x - denoised) / sigmas[i]
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        dt = sigmas[i + 1] - sigmas[i]
-        if sigmas[i + 1] == 0:
-            x = x + d * dt
-        else:
-            x_2 = x + d * dt
-            denoised_2 = model(x_2, sigmas[i + 1] * s_in, **extra_args)
-            d_2 = (x_2 - denoised_2) / sigmas[i + 1]
-            x = x + (d + d_2) / 2 * dt
-    return x
 
 
 # =============================================================================================

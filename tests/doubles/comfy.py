@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from . import forge_backend as fb
+from .k_diffusion import sample_euler, sample_heun
 
 
 class WrappersMP:
@@ -96,13 +97,14 @@ class WrapperExecutor:
 # --------------------------------------------------------------------------------------------
 # ModelPatcher
 # --------------------------------------------------------------------------------------------
-class ModelPatcher:
+class ModelPatcher(fb.UnetPatcher):
+    """The patch-setting methods are Forge's (Forge's patcher is a ComfyUI port); ComfyUI's
+    adds the wrappers (and attachments), which ``clone()`` copies list by list."""
+
     def __init__(self, model):
-        self.model = model
-        self.model_options = {"transformer_options": {}}
+        super().__init__(model)
         self.wrappers = {}
         self.attachments = {}
-        self.clones = 0
 
     def clone(self):
         n = ModelPatcher(self.model)
@@ -111,26 +113,6 @@ class ModelPatcher:
         n.attachments = dict(self.attachments)
         self.clones += 1
         return n
-
-    def set_model_sampler_post_cfg_function(self, fn, disable_cfg1_optimization=False):
-        self.model_options["sampler_post_cfg_function"] = self.model_options.get("sampler_post_cfg_function", []) + [fn]
-        if disable_cfg1_optimization:
-            self.model_options["disable_cfg1_optimization"] = True
-
-    def set_model_patch(self, patch, name):
-        to = self.model_options["transformer_options"]
-        to.setdefault("patches", {})
-        to["patches"][name] = to["patches"].get(name, []) + [patch]
-
-    def set_model_attn1_patch(self, patch):
-        self.set_model_patch(patch, "attn1_patch")
-
-    def set_model_patch_replace(self, patch, name, block_name, number, transformer_index=None):
-        self.model_options = fb.set_model_options_patch_replace(self.model_options, patch, name, block_name, number,
-                                                                transformer_index)
-
-    def set_model_attn1_replace(self, patch, block_name, number, transformer_index=None):
-        self.set_model_patch_replace(patch, "attn1", block_name, number, transformer_index)
 
     def add_wrapper_with_key(self, wrapper_type, key, wrapper):
         self.wrappers.setdefault(wrapper_type, {}).setdefault(key, []).append(wrapper)
@@ -234,33 +216,6 @@ class KSamplerX0Inpaint:
         if denoise_mask is not None:
             out = out * denoise_mask + self.latent_image * latent_mask
         return out
-
-
-def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None):
-    """k-diffusion's Euler (one evaluation per step)."""
-    extra_args = extra_args or {}
-    s_in = x.new_ones([x.shape[0]])
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
-    return x
-
-
-def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None):
-    """k-diffusion's Heun: two evaluations per step, one on the last (σ_next = 0)."""
-    extra_args = extra_args or {}
-    s_in = x.new_ones([x.shape[0]])
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        d = (x - denoised) / sigmas[i]
-        dt = sigmas[i + 1] - sigmas[i]
-        if sigmas[i + 1] == 0:
-            x = x + d * dt
-        else:
-            x_2 = x + d * dt
-            d_2 = (x_2 - model(x_2, sigmas[i + 1] * s_in, **extra_args)) / sigmas[i + 1]
-            x = x + (d + d_2) / 2 * dt
-    return x
 
 
 SAMPLERS = {"euler": sample_euler, "heun": sample_heun}

@@ -373,31 +373,6 @@ class TinyUNet(nn.Module):
         return self.out(h)
 
 
-class TinyVideoDiT(nn.Module):
-    """A DiT-like video model on ``(B, C, T, H, W)`` latents (Wan; the image models on Wan's VAE
-    run the same shape with T = 1): 1×2×2 patches, attention over every frame's tokens, and it
-    ignores ``transformer_options`` (no attention patch reaches a DiT in Neo)."""
-
-    def __init__(self, in_channels=16, ch=32, seed=0):
-        super().__init__()
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            self.patch_embedding = nn.Linear(in_channels * 4, ch)
-            self.blocks = nn.ModuleList([nn.TransformerEncoderLayer(ch, 4, ch * 2, 0.0, batch_first=True)])
-            self.head = nn.Linear(ch, in_channels * 4)
-            self.head.weight.data.mul_(0.1)
-
-    def forward(self, x, timesteps, context=None, transformer_options=None, **kwargs):
-        b, c, t, h, w = x.shape
-        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
-        tokens = F.pixel_unshuffle(frames, 2).flatten(2).transpose(1, 2).reshape(b, -1, c * 4)
-        tokens = self.patch_embedding(tokens) + timesteps.float()[:, None, None]
-        for block in self.blocks:
-            tokens = block(tokens)
-        out = self.head(tokens).reshape(b * t, -1, c * 4).transpose(1, 2).reshape(b * t, c * 4, h // 2, w // 2)
-        return F.pixel_shuffle(out, 2).reshape(b, t, c, h, w).transpose(1, 2)
-
-
 class TinyFlux(nn.Module):
     """A 16-channel DiT-like model: no ``output_blocks``, ignores ``transformer_options`` (as
     ``backend/nn/flux.py`` does), so no attention patch reaches it."""
@@ -419,6 +394,22 @@ class TinyFlux(nn.Module):
             t = block(t)
         t = self.final_layer(t).transpose(1, 2).reshape(b, c * 4, h // 2, w // 2)
         return F.pixel_shuffle(t, 2)
+
+
+class TinyVideoDiT(TinyFlux):
+    """A DiT-like video model on ``(B, C, T, H, W)`` latents (Wan; the image models on Wan's VAE
+    run the same shape with T = 1): the Flux-like blocks over every frame's 2×2-patch tokens at
+    once; it ignores ``transformer_options`` (no attention patch reaches a DiT in Neo)."""
+
+    def forward(self, x, timesteps, context=None, transformer_options=None, **kwargs):
+        b, c, t, h, w = x.shape
+        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
+        tokens = F.pixel_unshuffle(frames, 2).flatten(2).transpose(1, 2).reshape(b, -1, c * 4)
+        tokens = self.img_in(tokens) + timesteps.float()[:, None, None]
+        for block in self.double_blocks:
+            tokens = block(tokens)
+        out = self.final_layer(tokens).reshape(b * t, -1, c * 4).transpose(1, 2).reshape(b * t, c * 4, h // 2, w // 2)
+        return F.pixel_shuffle(out, 2).reshape(b, t, c, h, w).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------------

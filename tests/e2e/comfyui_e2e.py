@@ -5,8 +5,9 @@
 
 It needs a ComfyUI checkout and a Python that has ComfyUI's requirements installed (``--python``;
 default: the Python running this script). No model download: it writes a random-weight, full-size
-SD1.5 checkpoint once (``make_sd15_checkpoint.py``, about 2 GB, cached in ``--cache-dir``) unless
-``--checkpoint`` names one. ComfyUI runs with ``--base-directory`` set to a temporary folder whose
+SD1.5 checkpoint once (``make_checkpoint.py``, the one the WebUI checks use; about 2 GB, cached in
+``--cache-dir``; it needs diffusers and transformers, as in the dev venv: ``--checkpoint-python``,
+default the Python running this script) unless ``--checkpoint`` names one. ComfyUI runs with ``--base-directory`` set to a temporary folder whose
 ``custom_nodes/qsilk`` links to this repository, so the checkout itself is not touched and the
 current work tree is what gets tested.
 
@@ -390,8 +391,7 @@ def make_checkpoint(args) -> Path:
     ckpt = cache / "qsilk_e2e_sd15_random.safetensors"
     if not ckpt.is_file():
         print(f"writing a random-weight SD1.5 checkpoint to {ckpt} (once; about 2 GB)", flush=True)
-        subprocess.run([args.python, str(HERE / "make_sd15_checkpoint.py"), "--comfyui", str(args.comfyui),
-                        "--out", str(ckpt)], check=True)
+        subprocess.run([args.checkpoint_python, str(HERE / "make_checkpoint.py"), str(ckpt)], check=True)
     return ckpt
 
 
@@ -402,6 +402,8 @@ def main(argv=None) -> int:
     ap.add_argument("--python", default=os.environ.get("COMFYUI_PYTHON", sys.executable),
                     help="Python with ComfyUI's requirements (default: $COMFYUI_PYTHON or this Python)")
     ap.add_argument("--checkpoint", help="an SD1.5 .safetensors to use instead of the random one")
+    ap.add_argument("--checkpoint-python", default=sys.executable,
+                    help="the Python (with diffusers and transformers) that writes the random checkpoint")
     ap.add_argument("--cache-dir", default=os.environ.get("QSILK_E2E_CACHE", str(Path.home() / ".cache" / "qsilk-e2e")),
                     help="where the random checkpoint is kept (default: $QSILK_E2E_CACHE or ~/.cache/qsilk-e2e)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary base directory (log, outputs)")

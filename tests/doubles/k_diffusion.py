@@ -1,0 +1,37 @@
+"""k-diffusion's Euler and Heun samplers (``k_diffusion/sampling.py``), which AUTOMATIC1111 and
+ComfyUI both call: written from the algorithms (no churn), with the library's signature
+``(model, x, sigmas, extra_args=None, callback=None, disable=None)`` and callback payload."""
+from __future__ import annotations
+
+
+def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """One evaluation per step."""
+    extra_args = extra_args or {}
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        d = (x - denoised) / sigmas[i]
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        x = x + d * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """Two evaluations per step, one on the last (σ_next = 0: a plain Euler step)."""
+    extra_args = extra_args or {}
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        d = (x - denoised) / sigmas[i]
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            denoised_2 = model(x_2, sigmas[i + 1] * s_in, **extra_args)
+            d_2 = (x_2 - denoised_2) / sigmas[i + 1]
+            x = x + (d + d_2) / 2 * dt
+    return x
