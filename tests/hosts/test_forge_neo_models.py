@@ -30,12 +30,7 @@ from qsilk.settings import INFOTEXT_KEY  # noqa: E402
 DIT_KINDS = tuple(fw.DIT_FAMILIES)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -32,13 +32,7 @@ from qsilk.stabilizer import Stabilizer  # noqa: E402
 FAMILIES = (FORGE_NEW, FORGE_OLD, REFORGE, FORGE_NEO, FORGE_CLASSIC)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine run ~10× faster on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class SpyStabilizer(Stabilizer):
