@@ -27,9 +27,10 @@ functions put there are closures, which ``deepcopy`` keeps as they are) carrying
   post-CFG functions (SAG, PAG) run extra UNet passes. No ``patches_replace`` key is taken. The
   bookkeeping is the Forge family's (`qsilk.hosts.patcher.AttentionCapture`): Forge copied
   ComfyUI's ``transformer_options`` (``block``, ``block_index``, ``cond_or_uncond``, ``sigmas`` — the
-  evaluation's σ tensor, the same object as the post-CFG ``sigma`` — and ``original_shape``). Models without UNet self-attention (Flux, SD3, Chroma, …) get Lite
-  confidence with a console note; video latents ``(B, C, T, H, W)`` (Wan, Hunyuan video) are
-  stabilised frame by frame (`Stabilizer`) and skip the probe.
+  evaluation's σ tensor, the same object as the post-CFG ``sigma`` — and ``original_shape``).
+  Models without UNet self-attention (Flux, SD3, Chroma, …) get Lite confidence with a console
+  note; video latents ``(B, C, T, H, W)`` (Wan, Hunyuan video) are stabilised frame by frame
+  (`Stabilizer`) and skip the probe.
 
 Nothing raises into the sampler: glue errors pass the latent through with a logged note.
 """
@@ -75,9 +76,10 @@ def patch_model(model: Any, settings: Settings) -> Any:
     if state.per_step:
         patched.set_model_sampler_post_cfg_function(_mark(_post_cfg_function(state)))
         if state.wants_probe and _probe_layer(patched) is not None:
-            patched.set_model_attn1_patch(_mark(attn1_observer(state.capture, state.window_open, state.glue_error)))
+            observer = attn1_observer(state.run_capture, state.window_open, state.glue_error)
+            patched.set_model_attn1_patch(_mark(observer))
             options = patched.model_options  # the clone's own dict: a new list, the fence first
-            options["sampler_post_cfg_function"] = [_mark(fence_function(state.capture, state.glue_error)),
+            options["sampler_post_cfg_function"] = [_mark(fence_function(state.run_capture, state.glue_error)),
                                                     *options["sampler_post_cfg_function"]]
     patched.add_wrapper_with_key(SAMPLER_SAMPLE, WRAPPER_KEY, _mark(_sampler_wrapper(state)))
     return patched
@@ -136,7 +138,7 @@ class _RunState:
         self.last_report: dict | None = None
 
     # what the patcher's closures ask, answered by the run now sampling (if any)
-    def capture(self) -> AttentionCapture | None:
+    def run_capture(self) -> AttentionCapture | None:
         return self.run.capture if self.run is not None else None
 
     def window_open(self) -> bool:

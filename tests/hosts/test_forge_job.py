@@ -2,8 +2,8 @@
 
 The script is loaded the way Forge loads it, with the family's modules in ``sys.modules``
 (tests/doubles/forge_webui.py `ForgeHost`: new Forge main dfdcbab6, old Forge tag ``previous``
-bfee03d8, reForge main 3b56b268, Forge Neo release 2.26, Forge Classic 1f95d717), and driven through the double's processing flow with API-style
-arguments (one dict). Other Forge extensions (SAG/PAG-like) run in the same job.
+bfee03d8, reForge main 3b56b268, Forge Neo release 2.26, Forge Classic 1f95d717), and driven
+through the double's processing flow with API-style arguments (one dict). Other Forge extensions (SAG/PAG-like) run in the same job.
 """
 from __future__ import annotations
 

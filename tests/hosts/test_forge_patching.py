@@ -1,7 +1,8 @@
 """The Forge adapter against the Forge doubles (tests/doubles/forge_backend.py, forge_webui.py).
 
 New Forge (main dfdcbab6), old Forge (tag ``previous`` bfee03d8), reForge (main 3b56b268), Forge
-Neo (release 2.26) and Forge Classic (1f95d717) flows. A thin stand-in for the script calls the adapter exactly where ``scripts/qsilk.py`` does
+Neo (release 2.26) and Forge Classic (1f95d717) flows. A thin stand-in for the script calls the
+adapter exactly where ``scripts/qsilk.py`` does
 (``process`` → `start_job`, ``process_before_every_sampling`` → `before_every_sampling`,
 ``before_hr`` → `before_hr`, ``postprocess`` → `end_job`); whole jobs through the real script are
 in test_forge_job.py. A spy subclass of the real `Stabilizer` records what the adapter passed.
