@@ -46,7 +46,7 @@ from ..probe import find_probe_layer
 from ..settings import Settings
 from ..stabilizer import Stabilizer
 from . import common
-from .patcher import AttentionCapture, attn1_observer, fence_function, wants_probe
+from .patcher import AttentionCapture, attn1_observer, fence_function, fitting_mask, runs_per_step, wants_probe
 
 log = logging.getLogger("qsilk")
 
@@ -129,10 +129,8 @@ class _RunState:
     Runs are sequential in ComfyUI; a nested run (a node sampling inside a run) is stacked."""
 
     def __init__(self, settings: Settings):
-        s = settings
         self.settings = settings
-        self.per_step = bool((s.qsilk_enabled and s.qsilk_placement == "per_step")
-                             or (s.aqclip_enabled and s.aqclip_placement == "per_step"))
+        self.per_step = runs_per_step(settings)
         self.wants_probe = wants_probe(settings)
         self.run: ComfyRun | None = None
         self.last_report: dict | None = None
@@ -212,7 +210,7 @@ class ComfyRun:
                           "(5-D) latents; passed through")
             return x0
         step, total = self._position_of(sigma)
-        return self.stabilizer.post_cfg(x0, step, total, probe_map, sigma=sigma, nmask=_fitting(self._mask, x0))
+        return self.stabilizer.post_cfg(x0, step, total, probe_map, sigma=sigma, nmask=fitting_mask(self._mask, x0))
 
     def finish(self, samples: Any) -> Any:
         """The run's output: stabilised before decode when the run ends at σ = 0."""
@@ -224,7 +222,7 @@ class ComfyRun:
                           "run that finishes it")
                 return samples
         try:
-            return self.stabilizer.pre_decode(samples, nmask=_fitting(self._mask, samples))
+            return self.stabilizer.pre_decode(samples, nmask=fitting_mask(self._mask, samples))
         except Exception as exc:
             self.glue_error("stabilising before decode", exc)
             return samples
@@ -234,12 +232,6 @@ class ComfyRun:
         if self.glue_errors == 1:
             log.exception("QSilk: error while %s on ComfyUI; QSilk passes through", where)
         self.note(f"error while {where}, passed through: {exc}")
-
-
-def _fitting(mask: torch.Tensor | None, latent: torch.Tensor) -> torch.Tensor | None:
-    if mask is not None and mask.dim() == latent.dim() and mask.shape[2:] == latent.shape[2:]:
-        return mask
-    return None
 
 
 def step_of_sigma(sigma: float, schedule: Sequence[float]) -> tuple[int | None, int | None]:

@@ -52,7 +52,7 @@ from ..settings import Settings
 from ..stabilizer import Stabilizer
 from . import common
 from .common import expected_evaluations
-from .patcher import AttentionCapture, attn1_observer, fence_function, wants_probe
+from .patcher import AttentionCapture, attn1_observer, fence_function, fitting_mask, runs_per_step, wants_probe
 
 log = logging.getLogger("qsilk")
 
@@ -135,11 +135,8 @@ class ForgeJob:
         self.glue_errors = 0
         self.notes_posted = 0
         self._p = weakref.ref(p)
-        s = settings
         self.wants_probe = wants_probe(settings)
-        self.per_step = bool((s.qsilk_enabled and s.qsilk_placement == "per_step")
-                             or (s.aqclip_enabled and s.aqclip_placement == "per_step")
-                             or stabilizer.preconditioner is not None)
+        self.per_step = runs_per_step(settings) or stabilizer.preconditioner is not None
         self.capture = AttentionCapture(settings, self.note)
         self._wrapped: list[tuple[Any, str, Callable, bool, Callable]] = []  # sampler, name, wrapper, had_own, original
         self._pass_active = False
@@ -396,10 +393,7 @@ def _nmask(p: Any, sampler: Any, latent: torch.Tensor) -> torch.Tensor | None:
     nmask = getattr(getattr(sampler, "model_wrap_cfg", None), "nmask", None)
     if nmask is None and p is not None and not getattr(p, "is_hr_pass", False):
         nmask = getattr(p, "nmask", None)
-    if (isinstance(nmask, torch.Tensor) and nmask.dim() == latent.dim() in (4, 5)
-            and nmask.shape[2:] == latent.shape[2:]):
-        return nmask
-    return None
+    return fitting_mask(nmask, latent)
 
 
 def model_name(p: Any, diffusion_model: Any = None) -> str:

@@ -47,6 +47,20 @@ def transformer_block_of(name: str) -> tuple[tuple[str, int], int] | None:
     return (_BLOCK_KIND[kind], int(number or 0)), int(index)
 
 
+def runs_per_step(settings: Settings) -> bool:
+    """Whether a component runs on every evaluation (so a post-CFG function is needed)."""
+    s = settings
+    return bool((s.qsilk_enabled and s.qsilk_placement == "per_step")
+                or (s.aqclip_enabled and s.aqclip_placement == "per_step"))
+
+
+def fitting_mask(mask: Any, latent: torch.Tensor) -> torch.Tensor | None:
+    """`mask` (1 = generated, ``(B|1, 1, [T,] H, W)``) if it fits `latent`'s layout and size, else None."""
+    if isinstance(mask, torch.Tensor) and mask.dim() == latent.dim() in (4, 5) and mask.shape[2:] == latent.shape[2:]:
+        return mask
+    return None
+
+
 def wants_probe(settings: Settings) -> bool:
     """Whether these settings use the attention map (AQClip on, Attn confidence, every step)."""
     s = settings
