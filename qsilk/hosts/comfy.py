@@ -15,7 +15,10 @@ functions put there are closures, which ``deepcopy`` keeps as they are) carrying
   already at latent size, inside the model load. It starts a fresh `Stabilizer` (`begin_pass`), hooks
   the probe, samples, removes the hooks (``finally``), stabilises the run's output before decode
   (``pre_decode``: only when the run ends at σ = 0, i.e. no leftover noise) and logs the WebUIs'
-  one-line summary. The output is still in the model's latent space there (before
+  one-line summary. "Ends at σ = 0" is read from a CPU copy of the sigmas taken before sampling
+  starts (one read per run): ``uni_pc`` / ``uni_pc_bh2`` (``comfy/extra_samplers/uni_pc.py``) set
+  the last σ of the tensor they are given to 0.001 in place; no other sampler of
+  ``comfy/samplers.py`` ``SAMPLER_NAMES`` writes to it. The output is still in the model's latent space there (before
   ``process_latent_out``), the space the post-CFG x0 lives in.
 - **Per evaluation**: a post-CFG function on ``denoised`` (x0). The step window is the position of
   the evaluation's σ in the run's sigmas: ``i`` = the last schedule index whose σ is ≥ it, of
@@ -156,8 +159,12 @@ class ComfyRun:
         self.stabilizer = Stabilizer(settings)
         self.capture = AttentionCapture(settings, self.note)
         self.glue_errors = 0
-        self._sigmas = sigmas if isinstance(sigmas, torch.Tensor) else None
+        # The schedule as it is before sampling (a sampler may change the tensor: uni_pc's last σ).
         self._schedule: list[float] | None = None
+        if isinstance(sigmas, torch.Tensor):
+            self._schedule = [float(v) for v in sigmas.detach().float().cpu().reshape(-1)]
+        #: The run ends at σ = 0 (no leftover noise): decided before sampling, from the copy.
+        self.ends_at_zero = not self._schedule or self._schedule[-1] <= 0.0
         s = settings
         self._needs_position = s.step_start > 0.0 or s.step_end < 1.0
         self._mask = denoise_mask if isinstance(denoise_mask, torch.Tensor) else None
@@ -192,10 +199,8 @@ class ComfyRun:
     def _position_of(self, sigma: Any) -> tuple[int | None, int | None]:
         """(evaluation index, count) from σ; (None, None) when the window is the whole run (no
         host sync then) or the schedule is unknown."""
-        if not self._needs_position or self._sigmas is None or not isinstance(sigma, torch.Tensor):
+        if not self._needs_position or self._schedule is None or not isinstance(sigma, torch.Tensor):
             return None, None
-        if self._schedule is None:
-            self._schedule = [float(v) for v in self._sigmas.detach().float().cpu().reshape(-1)]
         return step_of_sigma(float(sigma.detach().reshape(-1)[0]), self._schedule)
 
     # -- per evaluation ---------------------------------------------------------------------------
@@ -213,14 +218,14 @@ class ComfyRun:
         return self.stabilizer.post_cfg(x0, step, total, probe_map, sigma=sigma, nmask=fitting_mask(self._mask, x0))
 
     def finish(self, samples: Any) -> Any:
-        """The run's output: stabilised before decode when the run ends at σ = 0."""
+        """The run's output: stabilised before decode when the run ends at σ = 0 (as its sigmas
+        were before sampling)."""
         if not isinstance(samples, torch.Tensor) or samples.dim() not in (4, 5):
             return samples
-        if self.settings.pre_decode != "off" and self._sigmas is not None and self._sigmas.numel():
-            if float(self._sigmas.reshape(-1)[-1]) > 0.0:
-                self.note("the run ends with leftover noise (σ > 0): before-decode stabilisation left to the "
-                          "run that finishes it")
-                return samples
+        if self.settings.pre_decode != "off" and not self.ends_at_zero:
+            self.note("the run ends with leftover noise (σ > 0): before-decode stabilisation left to the "
+                      "run that finishes it")
+            return samples
         try:
             return self.stabilizer.pre_decode(samples, nmask=fitting_mask(self._mask, samples))
         except Exception as exc:

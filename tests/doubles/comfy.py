@@ -25,6 +25,9 @@ copied. It mirrors the signatures, data flow and call order QSilk relies on:
   `CFGGuider` (``sample`` → OUTER_SAMPLE wrappers → ``outer_sample`` (mask prepared) →
   ``inner_sample``: ``process_latent_in``, ``transformer_options["sample_sigmas"]``, SAMPLER_SAMPLE
   wrappers around ``sampler.sample``, ``process_latent_out``).
+- ``comfy/samplers.py`` ``KSAMPLER_NAMES`` / ``SAMPLER_NAMES`` / ``sampler_object`` and
+  ``comfy/extra_samplers/uni_pc.py`` ``sample_unipc``: every listed sampler, mirroring what it does
+  to the sigmas tensor it is given (uni_pc and uni_pc_bh2 set a final 0 to 0.001 in place).
 - ``comfy/ldm/modules/attention.py`` `BasicTransformerBlock` and ``openaimodel.py``: the same
   ``attn1_patch`` / ``patches_replace["attn1"]`` / ``to_q`` / ``to_k`` contract and ``block`` /
   ``block_index`` / ``original_shape`` keys as Forge's backend (a ComfyUI port), so the UNet,
@@ -220,6 +223,67 @@ class KSamplerX0Inpaint:
 
 SAMPLERS = {"euler": sample_euler, "heun": sample_heun}
 
+#: ``comfy/samplers.py`` ``KSAMPLER_NAMES`` and ``SAMPLER_NAMES`` at a125cd84: every sampler the
+#: KSampler node lists.
+KSAMPLER_NAMES = ["euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2",
+                  "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral",
+                  "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp",
+                  "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde",
+                  "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep",
+                  "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp",
+                  "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver",
+                  "sa_solver_pece"]
+SAMPLER_NAMES = KSAMPLER_NAMES + ["ddim", "uni_pc", "uni_pc_bh2"]
+
+
+def sample_unipc(model, noise, sigmas, extra_args=None, callback=None, disable=False, variant="bh1"):
+    """``comfy/extra_samplers/uni_pc.py`` ``sample_unipc``'s treatment of its sigmas: a schedule
+    ending at 0 is sampled to 0.001 through ``timesteps = sigmas[:]`` (a view) and
+    ``timesteps[-1] = 0.001`` — the caller's tensor changes in place; any other schedule is cloned.
+    The stepping is Euler over those timesteps (the double's stand-in for the UniPC solver)."""
+    if sigmas[-1] == 0:
+        timesteps = sigmas[:]
+        timesteps[-1] = 0.001
+    else:
+        timesteps = sigmas.clone()
+    return sample_euler(model, noise, timesteps, extra_args=extra_args, callback=callback, disable=disable)
+
+
+def sample_unipc_bh2(model, noise, sigmas, extra_args=None, callback=None, disable=False):
+    return sample_unipc(model, noise, sigmas, extra_args, callback, disable, variant="bh2")
+
+
+def _stand_in(name):
+    """A k-diffusion sampler of ComfyUI's list: its name (``sample_<name>``, what QSilk reads for
+    the evaluations per step) on the double's Euler or Heun stepping. None of them writes to its
+    sigmas at a125cd84: ``offset_first_sigma_for_snr`` clones before changing σ₀, ``dpm_fast`` /
+    ``dpm_adaptive`` only read ``sigmas[-1]`` / ``sigmas[-2]``."""
+    second_order = name in ("heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde")
+    base = sample_heun if second_order else sample_euler
+
+    def sampler_function(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        return base(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable)
+
+    sampler_function.__name__ = {"dpm_fast": "dpm_fast_function",
+                                 "dpm_adaptive": "dpm_adaptive_function"}.get(name, f"sample_{name}")
+    return sampler_function
+
+
+def sampler_object(name):
+    """``comfy/samplers.py`` ``sampler_object``: uni_pc / uni_pc_bh2 as their own KSAMPLERs, ddim as
+    Euler (``ksampler("euler", inpaint_options={"random": True})``), the rest through ``ksampler``."""
+    if name == "uni_pc":
+        return KSAMPLER(sample_unipc)
+    if name == "uni_pc_bh2":
+        return KSAMPLER(sample_unipc_bh2)
+    if name in SAMPLERS:
+        return KSAMPLER(SAMPLERS[name])
+    if name == "ddim":
+        return KSAMPLER(sample_euler)
+    if name not in KSAMPLER_NAMES:
+        raise ValueError(f"unknown sampler {name!r}")
+    return KSAMPLER(_stand_in(name))
+
 
 class KSAMPLER:
     def __init__(self, sampler_function):
@@ -339,7 +403,7 @@ def ksampler(model, latent, *, seed=0, steps=4, cfg=5.0, sampler_name="euler", p
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
     with torch.no_grad():  # ComfyUI samples under torch.inference_mode
-        samples = guider.sample(noise, latent_image, KSAMPLER(SAMPLERS[sampler_name]), sigmas,
+        samples = guider.sample(noise, latent_image, sampler_object(sampler_name), sigmas,
                                 denoise_mask=latent.get("noise_mask"), seed=seed)
     out = latent.copy()
     out["samples"] = samples

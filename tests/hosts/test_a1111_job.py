@@ -591,3 +591,28 @@ def test_nan_latent_passes_through_and_is_recorded_in_the_images_infotext(harnes
     assert any(not torch.equal(out[0], x0[0]) for x0, out in zip(seen, spy.outputs))
     assert "non-finite values (NaN/Inf)" in processed.infotexts[0]
     assert spy.report()["nan_passthrough"] == len(seen)
+
+
+# -- samplers that rewrite their sigmas -----------------------------------------------------------
+def test_a_sampler_rewriting_its_sigmas_in_place_still_gets_the_before_decode_stage(harness, webui, monkeypatch):
+    """ComfyUI's uni_pc sets the last σ of the tensor it is given to 0.001 in place. No sampler of
+    A1111 1.10.1 does (k-diffusion ab527a9, ``sd_samplers_kdiffusion`` / ``_timesteps`` / ``_extra``
+    only read or clone it), and the adapter decides nothing from σ after a pass: a sampler that did
+    would still get the before-decode stage."""
+    seen = []
+
+    def rewriting_euler(model, x, sigmas, *args, **kwargs):
+        sigmas[-1] = 0.001
+        seen.append(sigmas)
+        return original(model, x, sigmas, *args, **kwargs)
+
+    original = d.sample_euler
+    harness.without_script(**SMALL)
+    ref = webui.log["pixels"][-1]
+    monkeypatch.setattr(d, "sample_euler", rewriting_euler)
+    harness.txt2img(api_args(preset="Paper (literal)"), **SMALL)
+    spy = only_spy()
+    assert seen and float(seen[-1][-1]) == pytest.approx(0.001)
+    assert len(spy.pre_decoded) == 1 and spy.report()["pre_decodes"] == 1
+    assert not any("leftover" in n for n in spy.report()["notes"])
+    assert not torch.equal(webui.log["pixels"][-1], ref)

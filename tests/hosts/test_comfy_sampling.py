@@ -258,6 +258,48 @@ def test_a_run_ending_with_leftover_noise_is_not_stabilised_before_decode():
     assert report["pre_decodes"] == 0 and any("leftover noise" in n for n in report["notes"])
 
 
+@pytest.mark.parametrize("sampler_name", dc.SAMPLER_NAMES)
+def test_every_comfyui_sampler_ending_at_zero_is_stabilised_before_decode(sampler_name):
+    """ComfyUI's whole sampler list; uni_pc and uni_pc_bh2 set the run's last σ to 0.001 in place,
+    so "ends at σ = 0" must come from the sigmas as they were before sampling."""
+    model = dc.sd15_like()
+    sigmas = dc.simple_sigmas(model, 3)
+    plain = dc.ksampler(model, SD, sampler_name=sampler_name, sigmas=sigmas.clone())["samples"]
+    patched = qsilk(model, "Paper (literal)")  # before-decode only: nothing per step
+    given = sigmas.clone()
+    out = dc.ksampler(patched, SD, sampler_name=sampler_name, sigmas=given)["samples"]
+    report = comfy.last_report(patched)
+    assert report["pre_decodes"] == 1 and report["evaluations"] == 0
+    assert not any("leftover noise" in n for n in report["notes"])
+    assert not torch.equal(out, plain)
+    mutates = sampler_name in ("uni_pc", "uni_pc_bh2")
+    assert float(given[-1]) == pytest.approx(0.001 if mutates else 0.0)  # the double mirrors the host
+
+
+@pytest.mark.parametrize("sampler_name", ["uni_pc", "uni_pc_bh2", "euler"])
+def test_a_leftover_noise_run_is_still_left_alone_whatever_the_sampler(sampler_name):
+    model = dc.sd15_like()
+    sigmas = dc.simple_sigmas(model, 6)[:4]  # KSamplerAdvanced end_at_step=3
+    plain = dc.ksampler(model, SD, sampler_name=sampler_name, sigmas=sigmas.clone())["samples"]
+    patched = qsilk(model, "Paper (literal)")
+    out = dc.ksampler(patched, SD, sampler_name=sampler_name, sigmas=sigmas.clone())["samples"]
+    assert torch.equal(out, plain)
+    report = comfy.last_report(patched)
+    assert report["pre_decodes"] == 0 and sum("leftover noise" in n for n in report["notes"]) == 1
+
+
+def test_uni_pc_keeps_the_step_window_of_the_schedule_it_was_given():
+    """The window is placed on the schedule read before sampling (uni_pc's in-place 0.001 is not a
+    step): with step_end 0.5 of 4 steps, evaluations 0 and 1 change, 2 and 3 do not."""
+    model = dc.sd15_like()
+    windows = {}
+    for name in ("euler", "uni_pc"):
+        patched, before, after = between(model, "Gentle", step_end=0.5)
+        dc.ksampler(patched, SD, sampler_name=name, steps=4)
+        windows[name] = [not torch.equal(a[0], b[0]) for (a, b) in zip(after, before)]
+    assert windows["uni_pc"] == windows["euler"] == [True, True, False, False]
+
+
 def test_a_second_qsilk_node_replaces_the_first():
     model = dc.sd15_like()
     once = qsilk(model, "Balanced")

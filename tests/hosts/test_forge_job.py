@@ -231,3 +231,26 @@ def test_the_console_line_names_the_host_family(host, capsys, caplog):
         run(host, [{"preset": "Balanced"}], steps=2)
     assert not [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("QSilk (")]
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"QSilk ({h.family}): 1 pass")]
+
+
+@pytest.mark.parametrize("host", FAMILIES, indirect=True)
+def test_a_sampler_rewriting_its_sigmas_in_place_still_gets_the_before_decode_stage(host, monkeypatch):
+    """ComfyUI's uni_pc sets the last σ of the tensor it is given to 0.001 in place. Forge's samplers
+    do not (Neo's k-diffusion UniPC, ``sd_samplers_extra.sample_unipc``, clones before setting
+    0.001; the rest only read σ), and the adapter decides nothing from σ after a pass: a sampler that
+    did would still get the before-decode stage on every family."""
+    sd = fw.make_model(host[0].family)
+    _, ref = run(host, None, model=sd, steps=3)
+    original, seen = fw.KDiffusionSampler.run, []
+
+    def rewriting_run(self, x, sigmas, extra):
+        sigmas[-1] = 0.001
+        seen.append(sigmas)
+        return original(self, x, sigmas, extra)
+
+    monkeypatch.setattr(fw.KDiffusionSampler, "run", rewriting_run)
+    p, out = run(host, [{"preset": "Paper (literal)"}], model=sd, steps=3)
+    report = CountingStabilizer.instances[-1].report()
+    assert seen and float(seen[-1][-1]) == pytest.approx(0.001)
+    assert report["pre_decodes"] == 1 and not any("leftover" in n for n in report["notes"])
+    assert not torch.equal(torch.stack(out.samples), torch.stack(ref.samples)) and not p.scripts.errors
