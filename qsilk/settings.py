@@ -127,7 +127,8 @@ _PLACEMENTS = ("per_step", "per_pass")
 PARAMS: tuple[Param, ...] = (
     Param("enabled", "QSilk", True, "bool", "Turn QSilk on for this generation.", "", "main"),
     Param("preset", "Preset", DEFAULT_PRESET, "choice",
-          "Fills every control below. Balanced: micro-clamp + AQClip with attention confidence.",
+          "A tested set of values for every other setting (see the Presets table); the panel shows "
+          "what the chosen one does.",
           "preset", "main", choices=tuple(json.loads(PRESETS_FILE.read_text(encoding="utf-8")))),
     # --- QSilk micro-clamp (spec §2) -------------------------------------------------------
     Param("qsilk_enabled", "Micro-clamp", True, "bool",
@@ -180,10 +181,12 @@ PARAMS: tuple[Param, ...] = (
     Param("aqclip_alpha", "AQClip knee / slope α", 2.0, "float",
           "soft: knee hardness. tanh: slope α (>1 expands; max 4).", "aalpha", "aqclip", 0.1, 20.0, 0.1),
     Param("p_wide", "Tail share, confident", 0.0005, "float",
-          "Share of a Gaussian tile beyond each corridor edge (one side) where confidence is 1. Lower = wider corridor.",
+          "Share of a Gaussian tile beyond each corridor edge (one side) where confidence is 1, as a "
+          "fraction (0.0005 = 0.05 %). Lower = wider corridor.",
           "pw", "aqclip", 1e-6, 0.1, 0.0001),
     Param("p_narrow", "Tail share, uncertain", 0.01, "float",
-          "Share beyond each corridor edge (one side) where confidence is 0. Higher = narrower corridor.",
+          "Share beyond each corridor edge (one side) where confidence is 0, as a fraction (0.01 = 1 %). "
+          "Higher = narrower corridor.",
           "pn", "aqclip", 1e-5, 0.2, 0.0005),
     Param("sigma_floor", "Sigma floor", 1.0, "float",
           "Corridor half-width never drops below this × the sample's std. Protects sparse "
@@ -292,6 +295,9 @@ def load_presets(path: Path = PRESETS_FILE) -> dict[str, dict[str, Any]]:
 
 
 PRESETS: dict[str, dict[str, Any]] = load_presets()
+#: One line per preset saying what it does (the presets file's ``help``; shown for the chosen preset).
+PRESET_HELP: dict[str, str] = {name: str(entry.get("help", ""))
+                               for name, entry in json.loads(PRESETS_FILE.read_text(encoding="utf-8")).items()}
 
 
 class _SettingsMethods:

@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from .settings import (DEFAULT_PRESET, PARAM_BY_NAME, PARAMS, PRESET_PARAMS, PRESETS, Param, Settings,
-                       SettingsError)
+from .settings import (DEFAULT_PRESET, PARAM_BY_NAME, PARAMS, PRESET_HELP, PRESET_PARAMS, PRESETS, Param,
+                       Settings, SettingsError)
 
 #: Sub-accordion titles by parameter group (group "main" and the two top-row switches sit above).
 GROUP_TITLES = {
@@ -46,6 +46,7 @@ class Controls:
     by_name: dict[str, Any]
     preset_hint: Any
     warning: Any
+    quant_line: Any = None  # the low-bit group's status line (when the host gave a status function)
 
     @property
     def enabled(self) -> Any:
@@ -98,14 +99,21 @@ def describe_preset(name: str) -> str:
     return describe_values({"preset": name})
 
 
+def preset_help(name: str) -> str:
+    """The preset dropdown's help for the chosen preset (`PRESET_HELP`; the generic help otherwise)."""
+    return PRESET_HELP.get(name) or PARAM_BY_NAME["preset"].help
+
+
 def _running_parts(s: Settings) -> list[str]:
     """What the settings turn on, one short phrase per component."""
     parts = []
     if s.qsilk_enabled:
         parts.append(f"micro-clamp {s.qsilk_shape} {_word(s.q_lo)}–{_word(s.q_hi)} ({_when(s.qsilk_placement)})")
     if s.aqclip_enabled:
-        parts.append(f"AQClip {s.aqclip_variant}, {s.aqclip_mode} confidence, tile {s.tile}/{s.stride}, "
-                     f"tail {_word(100 * s.p_wide)} %–{_word(100 * s.p_narrow)} % ({_when(s.aqclip_placement)})")
+        shape = s.aqclip_shape if s.aqclip_shape == "hard" else f"{s.aqclip_shape} α {_word(s.aqclip_alpha)}"
+        floor = f"floor {_word(s.sigma_floor)}σ" if s.sigma_floor > 0 else "no sigma floor"
+        parts.append(f"AQClip {s.aqclip_variant}, {s.aqclip_mode} confidence, {shape}, tile {s.tile}/{s.stride}, "
+                     f"tail shares {_word(s.p_wide)}–{_word(s.p_narrow)}, {floor} ({_when(s.aqclip_placement)})")
     if s.qsched == "ramp":
         parts.append(f"Q-Sched ramp c_x {_word(s.qsched_cx)}, c_F {_word(s.qsched_cf)}")
     elif s.qsched != "off":
@@ -133,7 +141,8 @@ def is_expanding(values: dict[str, Any]) -> bool:
 
 
 def _component(gr: Any, param: Param, value: Any, elem_id: Callable[[str], str]) -> Any:
-    common = {"label": param.label, "info": param.help, "elem_id": elem_id(param.name)}
+    info = preset_help(value) if param.name == "preset" else param.help
+    common = {"label": param.label, "info": info, "elem_id": elem_id(param.name)}
     if param.kind == "bool":
         return gr.Checkbox(value=bool(value), **common)
     if param.kind in ("int", "float"):
@@ -186,6 +195,7 @@ def build_controls(gr: Any, *, enabled: bool, values: dict[str, Any],
                                   elem_classes=["qsilk-hint"])
         warning = gr.Markdown(EXPANDING_WARNING, visible=is_expanding(values), elem_id=elem_id("warning"),
                               elem_classes=["qsilk-warning"])
+        quant_line = None
         for group, title in GROUP_TITLES.items():
             params = [p for p in PARAMS if p.group == group and p.name not in TOP_ROW]
             if not params:
@@ -197,14 +207,16 @@ def build_controls(gr: Any, *, enabled: bool, values: dict[str, Any],
                         continue
                     by_name[param.name] = _component(gr, param, values[param.name], elem_id)
                 if group == "quant" and quant_status is not None:
-                    _quant_status(gr, quant_status, coefficient_files, by_name.get("qsched_file"), elem_id)
+                    quant_line = _quant_status(gr, quant_status, coefficient_files, by_name.get("qsched_file"),
+                                               elem_id)
         for param in PARAMS:
             if param.name not in by_name:  # debug output and anything without a group title
                 by_name[param.name] = _component(gr, param, values[param.name], elem_id)
 
     components = [by_name[p.name] for p in PARAMS]
     _wire_events(gr, by_name, preset_hint, warning)
-    return Controls(components=components, by_name=by_name, preset_hint=preset_hint, warning=warning)
+    return Controls(components=components, by_name=by_name, preset_hint=preset_hint, warning=warning,
+                    quant_line=quant_line)
 
 
 def _wire_events(gr: Any, by_name: dict[str, Any], preset_hint: Any, warning: Any) -> None:
@@ -213,6 +225,12 @@ def _wire_events(gr: Any, by_name: dict[str, Any], preset_hint: Any, warning: An
     # `.input` fires on user choice only: pasting infotext sets the preset AND every control, and
     # a `.change` handler would then overwrite the pasted values with the preset's.
     preset.input(fn=preset_values, inputs=[preset], outputs=filled, show_progress=False)
+
+    # The preset's help describes the chosen preset: `.change`, so a pasted preset updates it too.
+    def help_update(name: Any) -> Any:
+        return gr.update(info=preset_help(str(name)))
+
+    preset.change(fn=help_update, inputs=[preset], outputs=[preset], show_progress=False)
 
     # The summary line describes the values set, so it follows every control it reads: `.change`
     # also fires when the preset fills the controls and when infotext is pasted.
@@ -243,15 +261,26 @@ def _file_dropdown(gr: Any, param: Param, value: Any, elem_id: Callable[[str], s
 
 def _quant_status(gr: Any, status: Callable[[], str], files: Callable[[], list[str]] | None,
                   file_box: Any, elem_id: Callable[[str], str]) -> None:
-    """Read-only low-bit line (detected storage, files found) with a refresh button."""
-    line = gr.Markdown(status(), elem_id=elem_id("quant_status"))
+    """Read-only low-bit line (detected storage, files found) with a refresh button. The line's
+    value is the `status` function itself: Gradio calls it each time the page loads, so the line
+    describes the model loaded then, not the one (or none) loaded when the UI was built."""
+    line = gr.Markdown(status, elem_id=elem_id("quant_status"))
     refresh = gr.Button(QUANT_REFRESH, elem_id=elem_id("quant_refresh"))
 
     if files is None or file_box is None:
         refresh.click(fn=status, inputs=[], outputs=[line], show_progress=False)
-        return
+        return line
     refresh.click(fn=lambda: (status(), gr.update(choices=[""] + list(files()))), inputs=[],
                   outputs=[line, file_box], show_progress=False)
+    return line
+
+
+def follow_model_changes(trigger: Any, controls: Controls, status: Callable[[Any], str]) -> None:
+    """Refresh the low-bit line after the host's checkpoint selector changes: ``status(new
+    value)`` (the host waits there for the load to finish) goes to the line. No-op without it."""
+    if controls.quant_line is None or trigger is None or not callable(getattr(trigger, "change", None)):
+        return
+    trigger.change(fn=status, inputs=[trigger], outputs=[controls.quant_line], show_progress=False)
 
 
 QUANT_REFRESH = "Refresh model storage and coefficient files"
@@ -263,6 +292,7 @@ def labels() -> list[str]:
     for p in PARAMS:
         strings += [p.label, p.help]
     strings += list(GROUP_TITLES.values()) + ["Enable QSilk", EXPANDING_WARNING, QUANT_REFRESH]
+    strings += [h for h in PRESET_HELP.values() if h]
     strings += [describe_preset(name) for name in PRESETS]  # other summary lines are composed
     return list(dict.fromkeys(strings))
 

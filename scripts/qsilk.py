@@ -12,6 +12,7 @@ the settings page from ``qsilk.hosts.common``, and the per-job work from the hos
 from __future__ import annotations
 
 import logging
+import time
 
 import gradio as gr
 
@@ -51,9 +52,12 @@ class QSilkScript(scripts.Script):
         # Re-entrant: the API calls ui() twice more (inside a throwaway Blocks) to read defaults.
         enabled, preset = common.ui_defaults(shared.opts)
         self.ui_default_preset = preset
+        quant_ui = _quant_ui()
         controls = qsilk_ui.build_controls(
             gr, enabled=enabled, values=Settings.from_preset(preset).as_dict(),
-            elem_id=self.elem_id, accordion=_InputAccordion, **_quant_ui())
+            elem_id=self.elem_id, accordion=_InputAccordion, quant_status=quant_ui["quant_status"],
+            coefficient_files=quant_ui["coefficient_files"])
+        _MODEL_FOLLOW.add(controls, quant_ui["status_after_change"])
         self.infotext_fields = common.infotext_fields(controls.components)
         self.paste_field_names = common.paste_field_names()
         return controls.components
@@ -110,12 +114,54 @@ def _quant_ui() -> dict:
 
     models_dir = getattr(sys.modules.get("modules.paths"), "models_path", None)
 
-    def status() -> str:
-        model = getattr(getattr(sys.modules.get("modules.sd_models"), "model_data", None), "sd_model", None)
-        return quant.panel_status(model, shared.opts, models_dir)
+    def loaded_model():
+        return getattr(getattr(sys.modules.get("modules.sd_models"), "model_data", None), "sd_model", None)
 
-    return {"quant_status": status,
+    def status() -> str:
+        return quant.panel_status(loaded_model(), shared.opts, models_dir)
+
+    def status_after_change(selected=None, wait_s: float = 120.0) -> str:
+        """After the checkpoint selector changed: wait (A1111 loads the new checkpoint in the same
+        change) until the loaded model is the selected one, then describe it. Forge loads on the
+        next generation: the line then says so until Refresh or the next page load."""
+        deadline = time.monotonic() + wait_s
+        while selected and time.monotonic() < deadline:
+            info = getattr(loaded_model(), "sd_checkpoint_info", None)
+            if selected in (getattr(info, "title", None), getattr(info, "name", None),
+                            getattr(info, "name_for_extra", None)):
+                break
+            time.sleep(0.5)
+        return status()
+
+    return {"quant_status": status, "status_after_change": status_after_change,
             "coefficient_files": lambda: quant.list_files(quant.folder(models_dir)) if models_dir else []}
+
+
+class _ModelFollow:
+    """Connects the low-bit lines of the panels built so far to the WebUI's checkpoint selector
+    (``setting_sd_model_checkpoint``, created after the txt2img/img2img tabs) when it appears;
+    panels built later (the API's throwaway builds) are not connected."""
+
+    ELEM_ID = "setting_sd_model_checkpoint"
+
+    def __init__(self) -> None:
+        self.pending: list = []
+        self.done = False
+
+    def add(self, controls, status) -> None:
+        if not self.done and controls.quant_line is not None:
+            self.pending.append((controls, status))
+
+    def after_component(self, component, **kwargs) -> None:
+        if self.done or getattr(component, "elem_id", None) != self.ELEM_ID:
+            return
+        self.done = True
+        for controls, status in self.pending:
+            qsilk_ui.follow_model_changes(component, controls, status)
+        self.pending.clear()
+
+
+_MODEL_FOLLOW = _ModelFollow()
 
 
 def _on_ui_settings() -> None:
@@ -127,6 +173,8 @@ def _add_xyz_axes() -> None:
 
 
 script_callbacks.on_ui_settings(_on_ui_settings)
+if hasattr(script_callbacks, "on_after_component"):
+    script_callbacks.on_after_component(_MODEL_FOLLOW.after_component)
 # XYZ's own script file loads before extensions', so its axes can usually be extended right away;
 # that also covers --nowebui, where the UI is built before on_before_ui callbacks run.
 if common.find_xyz_module(scripts.scripts_data) is not None:

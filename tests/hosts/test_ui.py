@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from qsilk import ui  # noqa: E402
-from qsilk.settings import PARAM_BY_NAME, PARAMS, PRESET_PARAMS, PRESETS, Settings  # noqa: E402
+from qsilk.settings import PARAM_BY_NAME, PARAMS, PRESET_HELP, PRESET_PARAMS, PRESETS, Settings  # noqa: E402
 
 
 def test_expected_gradio_major_version():
@@ -84,7 +84,9 @@ def test_one_control_per_parameter_in_argument_order(use_accordion):
             assert isinstance(component, (gr.Dropdown, gr.Radio))
             choices = [c[0] if isinstance(c, (tuple, list)) else c for c in component.choices]
             assert choices == list(param.choices)
-        if param.help and param.name != "enabled":
+        if param.name == "preset":  # the chosen preset's own help
+            assert getattr(component, "info", None) == PRESET_HELP["Balanced"]
+        elif param.help and param.name != "enabled":
             assert getattr(component, "info", None) == param.help
     expected = Settings.from_preset("Balanced").as_dict()
     assert [c.value for c in controls.components] == [expected[p.name] for p in PARAMS]
@@ -173,7 +175,7 @@ def test_every_preset_reads_differently():
         assert line.startswith(f"**{name}**: ") and "modified" not in line and "changed" not in line
     bodies = [_body(line) for line in lines.values()]
     assert len(set(bodies)) == len(bodies), lines
-    assert "tail 0.1 %–2 %" in lines["Crisp"] and "tail 0.05 %–1 %" in lines["Balanced"]
+    assert "tail shares 0.001–0.02" in lines["Crisp"] and "tail shares 0.0005–0.01" in lines["Balanced"]
 
 
 def _another_value(preset, name):
@@ -236,3 +238,62 @@ def test_labels_cover_every_visible_string():
     for static in [*ui.GROUP_TITLES.values(), ui.EXPANDING_WARNING, ui.QUANT_REFRESH]:
         assert static in strings
     assert all(ui.describe_preset(name) in strings for name in PRESETS)
+
+
+# -- panel polish (issue 15) ---------------------------------------------------------------------
+def _update_value(update, key):
+    return update.get(key) if isinstance(update, dict) else getattr(update, key, None)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_the_preset_help_describes_the_chosen_preset(preset):
+    blocks, controls = _build(preset=preset)
+    assert controls.by_name["preset"].info == PRESET_HELP[preset] != ""
+    help_events = [(fn, targets) for fn, targets, outputs in _events(blocks)
+                   if outputs == [controls.by_name["preset"]._id]]
+    assert len(help_events) == 1
+    fn, targets = help_events[0]
+    assert (controls.by_name["preset"]._id, "change") in targets  # pasted presets too
+    for other in PRESETS:
+        assert _update_value(fn(other), "info") == PRESET_HELP[other]
+    assert len(set(PRESET_HELP.values())) == len(PRESETS)
+
+
+def test_the_summary_names_what_each_preset_sets():
+    """Every value on which presets differ shows in the preset's own summary line."""
+    paper, balanced = ui.describe_preset("Paper (literal)"), ui.describe_preset("Balanced")
+    assert "tanh α 2" in paper and "no sigma floor" in paper and "lite confidence" in paper
+    assert "soft α 2" in balanced and "floor 1σ" in balanced
+    assert "tile 64/32" in ui.describe_preset("High-res")
+    assert "once per pass" in paper and "every step" in balanced
+
+
+def test_tail_shares_use_the_sliders_unit_in_the_summary():
+    line = ui.describe_preset("Crisp")
+    assert "tail shares 0.001–0.02" in line and "%" not in line
+    for name in ("p_wide", "p_narrow"):
+        assert "as a fraction" in PARAM_BY_NAME[name].help
+
+
+def test_the_low_bit_line_is_filled_when_the_page_loads_and_after_a_model_change():
+    calls = []
+
+    def status():
+        calls.append("load")
+        return f"storage: model {len(calls)}"
+
+    with gr.Blocks() as blocks:
+        selector = gr.Dropdown(choices=["a", "b"], value="a", elem_id="setting_sd_model_checkpoint")
+        controls = ui.build_controls(gr, enabled=True, values=Settings.from_preset("Balanced").as_dict(),
+                                     elem_id=lambda name: f"qsilk_test_{name}", quant_status=status,
+                                     coefficient_files=lambda: [])
+        ui.follow_model_changes(selector, controls, lambda selected: f"loaded {selected}")
+    line = controls.quant_line
+    assert line is not None and line.elem_id == "qsilk_test_quant_status"
+    # the page-load event (no target) runs `status` itself; Refresh runs a lambda that also lists files
+    loads = [fn for fn, targets, outputs in _events(blocks) if fn is status]
+    assert loads and _outputs(blocks, status) == [line._id]
+    assert loads[0]() == f"storage: model {len(calls)}"
+    changes = [fn for fn, targets, outputs in _events(blocks)
+               if outputs == [line._id] and (selector._id, "change") in targets]
+    assert len(changes) == 1 and changes[0]("b") == "loaded b"
