@@ -28,6 +28,7 @@ copied. It mirrors the signatures, data flow and call order QSilk relies on:
 - ``comfy/samplers.py`` ``KSAMPLER_NAMES`` / ``SAMPLER_NAMES`` / ``sampler_object`` and
   ``comfy/extra_samplers/uni_pc.py`` ``sample_unipc``: every listed sampler, mirroring what it does
   to the sigmas tensor it is given (uni_pc and uni_pc_bh2 set a final 0 to 0.001 in place).
+- ``execution.py`` ``validate_inputs``: queue-time checks of widget values and ``VALIDATE_INPUTS``.
 - ``comfy/ldm/modules/attention.py`` `BasicTransformerBlock` and ``openaimodel.py``: the same
   ``attn1_patch`` / ``patches_replace["attn1"]`` / ``to_q`` / ``to_k`` contract and ``block`` /
   ``block_index`` / ``original_shape`` keys as Forge's backend (a ComfyUI port), so the UNet,
@@ -408,3 +409,54 @@ def ksampler(model, latent, *, seed=0, steps=4, cfg=5.0, sampler_name="euler", p
     out = latent.copy()
     out["samples"] = samples
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# execution.py: queue-time validation of one node's widget values
+# --------------------------------------------------------------------------------------------
+def validate_inputs(obj_class, inputs):
+    """``execution.validate_inputs`` for one node's widget values (links are left out): each value is
+    converted by its type (``float(val)`` for FLOAT, so ``"nan"`` becomes NaN); min / max / combo
+    checks run only for inputs that ``VALIDATE_INPUTS`` does not name (and only when it has no
+    ``**kwargs``); then ``VALIDATE_INPUTS`` gets the named inputs, and any answer other than True adds
+    one ``custom_validation_failed`` error per input it was given. Returns the error list (empty:
+    the prompt would be queued; otherwise ``/prompt`` answers HTTP 400 with them)."""
+    import inspect
+
+    class_inputs = obj_class.INPUT_TYPES()
+    spec = {**class_inputs.get("required", {}), **class_inputs.get("optional", {})}
+    check = getattr(obj_class, "VALIDATE_INPUTS", None)
+    named, has_kwargs = [], False
+    if check is not None:
+        argspec = inspect.getfullargspec(check)
+        named, has_kwargs = argspec.args, argspec.varkw is not None
+    errors, values = [], {}
+    for name, (input_type, extra) in spec.items():
+        if name not in inputs:
+            continue
+        val = inputs[name]
+        try:
+            val = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}.get(input_type, lambda v: v)(val) \
+                if isinstance(input_type, str) else val
+        except Exception as ex:
+            errors.append({"type": "invalid_input_type", "details": f"{name}, {val}, {ex}",
+                           "extra_info": {"input_name": name}})
+            continue
+        values[name] = val
+        if name not in named and not has_kwargs:
+            if "min" in extra and val < extra["min"]:
+                errors.append({"type": "value_smaller_than_min", "details": name, "extra_info": {"input_name": name}})
+            elif "max" in extra and val > extra["max"]:
+                errors.append({"type": "value_bigger_than_max", "details": name, "extra_info": {"input_name": name}})
+            elif isinstance(input_type, list) and val not in input_type:
+                errors.append({"type": "value_not_in_list", "details": f"{name}: '{val}' not in {input_type}",
+                               "extra_info": {"input_name": name}})
+    if named or has_kwargs:
+        given = {k: v for k, v in values.items() if k in named or has_kwargs}
+        answer = check(**given)
+        if answer is not True:
+            for name in given:
+                details = name if answer is False else f"{name} - {answer}"
+                errors.append({"type": "custom_validation_failed", "message": "Custom validation failed for node",
+                               "details": details, "extra_info": {"input_name": name}})
+    return errors

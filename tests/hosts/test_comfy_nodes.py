@@ -45,7 +45,8 @@ def test_root_init_exports_the_three_nodes(tmp_path, folder):
     assert set(module.NODE_CLASS_MAPPINGS) == set(NODE_NAMES)
     assert module.NODE_DISPLAY_NAME_MAPPINGS == NODE_NAMES
     for cls in module.NODE_CLASS_MAPPINGS.values():
-        assert callable(getattr(cls(), cls.FUNCTION)) and cls.CATEGORY.startswith("sampling")
+        assert callable(getattr(cls(), cls.FUNCTION))
+        assert cls.CATEGORY == ("latent" if cls.RETURN_TYPES == ("LATENT",) else "model_patches/unet")
         assert isinstance(cls.INPUT_TYPES()["required"], dict)
 
 
@@ -112,8 +113,81 @@ def test_on_returns_a_patched_clone_and_leaves_the_input_alone():
     ({"hires": False}, "hires"),
 ])
 def test_invalid_advanced_inputs_name_the_field(values, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=field) as raised:
         nodes.QSilkModelAdvanced().patch(dc.sd15_like(), True, **values)
+    assert type(raised.value) is ValueError  # not SettingsError: ComfyUI prints the qualified type name
+
+
+def test_simple_nodes_raise_a_plain_value_error():
+    for call in (lambda: nodes.QSilkModel().patch(dc.sd15_like(), True, "Loud"),
+                 lambda: nodes.QSilkLatent().stabilize({"samples": torch.zeros(1, 4, 8, 8)}, True, "Loud")):
+        with pytest.raises(ValueError, match="preset must be one of") as raised:
+            call()
+        assert type(raised.value) is ValueError
+
+
+# -- queue-time validation (ComfyUI's execution.validate_inputs, on the double) -----------------------
+def widget_values(cls, **changes):
+    """The node's widget values as a prompt sends them (defaults), with `changes`."""
+    required = cls.INPUT_TYPES()["required"]
+    values = {k: spec[1]["default"] for k, spec in required.items() if len(spec) > 1 and "default" in spec[1]}
+    values.update(changes)
+    return values
+
+
+def test_validate_inputs_takes_every_float_widget_and_the_shapes():
+    import inspect
+    args = inspect.getfullargspec(nodes.QSilkModelAdvanced.VALIDATE_INPUTS).args
+    assert tuple(a for a in args if a != "cls") == nodes.VALIDATED_INPUTS
+    floats = {p.name for p in nodes.ADVANCED_PARAMS if p.kind == "float"}
+    assert floats | {"qsilk_shape", "aqclip_shape"} == set(nodes.VALIDATED_INPUTS)
+
+
+def test_default_values_are_queued():
+    for cls in (nodes.QSilkModel, nodes.QSilkModelAdvanced, nodes.QSilkLatent):
+        assert dc.validate_inputs(cls, widget_values(cls)) == []
+
+
+@pytest.mark.parametrize("changes, field, words", [
+    ({"p_wide": float("nan")}, "p_wide", "got nan"),
+    ({"sigma_floor": "nan"}, "sigma_floor", "got nan"),  # ComfyUI turns the string into float('nan')
+    ({"ema_beta": float("inf")}, "ema_beta", "got inf"),
+    ({"p_wide": 0.05, "p_narrow": 0.01}, "p_wide", "at most p_narrow"),
+    ({"step_start": 0.8, "step_end": 0.2}, "step_start", "at most step_end"),
+    ({"q_lo": 0.2}, "q_lo", "0..0.05"),  # its range check is QSilk's now: same range, same words
+    ({"aqclip_shape": "tanh", "aqclip_alpha": 6.0}, "aqclip_alpha", "tanh"),
+])
+def test_bad_advanced_values_are_refused_at_queue_time_naming_the_field(changes, field, words):
+    errors = dc.validate_inputs(nodes.QSilkModelAdvanced, widget_values(nodes.QSilkModelAdvanced, **changes))
+    assert errors and all(e["type"] == "custom_validation_failed" for e in errors)
+    assert all(f"QSilk: {field} must" in e["details"] and words in e["details"] for e in errors)
+
+
+def test_comfyuis_own_range_check_still_covers_the_other_widgets():
+    errors = dc.validate_inputs(nodes.QSilkModelAdvanced, widget_values(nodes.QSilkModelAdvanced, tile=3))
+    assert [(e["type"], e["details"]) for e in errors] == [("value_smaller_than_min", "tile")]
+
+
+def test_a_linked_value_is_left_to_run_time():
+    """An input fed by a link is not given at queue time: no cross-field verdict on a guess."""
+    values = widget_values(nodes.QSilkModelAdvanced, p_wide=0.05)
+    del values["p_narrow"]
+    assert dc.validate_inputs(nodes.QSilkModelAdvanced, values) == []
+
+
+# -- texts that describe their own node ---------------------------------------------------------------
+def test_each_nodes_texts_describe_that_node():
+    model = nodes.QSilkModel.INPUT_TYPES()["required"]
+    latent = nodes.QSilkLatent.INPUT_TYPES()["required"]
+    advanced = nodes.QSilkModelAdvanced.INPUT_TYPES()["required"]
+    for required in (model, latent):
+        assert "control" not in required["preset"][1]["tooltip"]  # nothing "below" on these nodes
+    assert all(name in model["preset"][1]["tooltip"] for name in PRESETS)
+    assert "Lite" in latent["preset"][1]["tooltip"] and "attention confidence" not in latent["preset"][1]["tooltip"]
+    assert "preset" not in advanced["enabled"][1]["tooltip"]  # the advanced node has no preset
+    assert "earlier QSilk patch" in model["enabled"][1]["tooltip"]
+    assert "earlier QSilk patch" in advanced["enabled"][1]["tooltip"]
+    assert "latent" in latent["enabled"][1]["tooltip"] and "model" not in latent["enabled"][1]["tooltip"]
 
 
 def test_advanced_defaults_sample_like_the_balanced_preset():

@@ -311,6 +311,22 @@ def test_a_second_qsilk_node_replaces_the_first():
     assert comfy.last_report(twice)["evaluations"] == 4
 
 
+def test_a_downstream_qsilk_node_set_to_off_leaves_the_upstream_one_active():
+    """The README's rule: an active QSilk node replaces an earlier QSilk patch on the same model; one
+    set to Off (switch or preset) passes its input through, so the earlier patch still runs."""
+    from qsilk.hosts import comfy_nodes as nodes
+
+    model = dc.sd15_like()
+    upstream = nodes.QSilkModel().patch(model, True, "Crisp")[0]
+    for downstream in (nodes.QSilkModel().patch(upstream, False, "Balanced")[0],
+                       nodes.QSilkModel().patch(upstream, True, "Off")[0],
+                       nodes.QSilkModelAdvanced().patch(upstream, False)[0]):
+        assert downstream is upstream
+    crisp = dc.ksampler(qsilk(model, "Crisp"), SD)["samples"]
+    assert torch.equal(dc.ksampler(nodes.QSilkModel().patch(upstream, False, "Balanced")[0], SD)["samples"], crisp)
+    assert not torch.equal(dc.ksampler(model, SD)["samples"], crisp)
+
+
 def test_glue_errors_pass_through(monkeypatch, caplog):
     model = dc.sd15_like()
     plain = dc.ksampler(model, SD, steps=3)["samples"]
