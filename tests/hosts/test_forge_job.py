@@ -254,3 +254,24 @@ def test_a_sampler_rewriting_its_sigmas_in_place_still_gets_the_before_decode_st
     assert seen and float(seen[-1][-1]) == pytest.approx(0.001)
     assert report["pre_decodes"] == 1 and not any("leftover" in n for n in report["notes"])
     assert not torch.equal(torch.stack(out.samples), torch.stack(ref.samples)) and not p.scripts.errors
+
+
+@pytest.mark.parametrize("host", [FORGE_NEO], indirect=True)
+@pytest.mark.parametrize("build, hook_calls", [("", 2), (fw.NEO_2026, 3)])
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_both_neo_hires_flows(host, build, hook_calls, upscaler):
+    """Neo 2.26 runs the hook once for the hires pass (1 + 1); a Neo of 2026 runs it twice there
+    (1 + 2, as new Forge) and lists Latent upscalers: each pass is started once and every evaluation
+    stabilised once either way."""
+    evaluations = []
+
+    class CountEvaluations(fw.Script):
+        def process(self, p, enabled):
+            p.env.callbacks.cfg_denoiser.append(lambda params: evaluations.append(params.denoiser.step))
+
+    p, out = run(host, [{"preset": "Balanced"}], others=[CountEvaluations()], enable_hr=True,
+                 hr_upscaler=upscaler, steps=3, build=build)
+    stab = CountingStabilizer.instances[-1]
+    assert p.scripts.hook_calls.count("process_before_every_sampling") == hook_calls  # runner-level calls
+    assert len(stab.applied) == len(evaluations) == 3 + 2 and stab.passes == 2  # hires: denoise 0.6 of 3
+    assert stab.report()["pre_decodes"] == 2 and not p.scripts.errors
