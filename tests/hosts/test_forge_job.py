@@ -274,4 +274,4 @@ def test_both_neo_hires_flows(host, build, hook_calls, upscaler):
     stab = CountingStabilizer.instances[-1]
     assert p.scripts.hook_calls.count("process_before_every_sampling") == hook_calls  # runner-level calls
     assert len(stab.applied) == len(evaluations) == 3 + 2 and stab.passes == 2  # hires: denoise 0.6 of 3
-    assert stab.report()["pre_decodes"] == 2 and not p.scripts.errors
+    assert not p.scripts.errors
