@@ -407,6 +407,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-dir", default=os.environ.get("QSILK_E2E_CACHE", str(Path.home() / ".cache" / "qsilk-e2e")),
                     help="where the random checkpoint is kept (default: $QSILK_E2E_CACHE or ~/.cache/qsilk-e2e)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary base directory (log, outputs)")
+    ap.add_argument("--port", type=int, default=0, help="loopback port for ComfyUI (default: a free one)")
     ap.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     ap.add_argument("--steps", type=int, default=3, help="sampling steps per pass (default 3)")
     ap.add_argument("--seed", type=int, default=1234)
@@ -429,7 +430,7 @@ def main(argv=None) -> int:
             (base / d).mkdir(parents=True, exist_ok=True)
         (base / "custom_nodes" / "qsilk").symlink_to(REPO, target_is_directory=True)
         (base / "models" / "checkpoints" / ckpt.name).symlink_to(ckpt)
-        port = free_port()
+        port = args.port or free_port()
         print(f"ComfyUI {args.comfyui} on 127.0.0.1:{port}, base directory {base}", flush=True)
         server = Comfy(args.comfyui, args.python, base, base / "comfyui.log", port)
         t0 = time.time()
@@ -474,6 +475,9 @@ def run_checks(server: Comfy, res: Results, args, ckpt_name: str):
         ensure("model" in m["input"]["required"] and m["output"] == ["MODEL"], "QSilkModel: model → MODEL")
         ensure("samples" in lat["input"]["required"] and lat["output"] == ["LATENT"], "QSilkLatent: samples → LATENT")
         ensure(info["QSilkModelAdvanced"]["output"] == ["MODEL"], "QSilkModelAdvanced → MODEL")
+        categories = {n: info[n].get("category") for n in QSILK_NODES}
+        ensure(categories == {"QSilkModel": "model_patches/unet", "QSilkModelAdvanced": "model_patches/unet",
+                              "QSilkLatent": "latent"}, f"categories {categories}")
         for n in ("QSilkModel", "QSilkLatent"):
             spec = m["input"]["required"]["preset"] if n == "QSilkModel" else lat["input"]["required"]["preset"]
             choices = spec[0] if isinstance(spec[0], list) else _spec_opts(spec).get("options", [])
@@ -481,7 +485,7 @@ def run_checks(server: Comfy, res: Results, args, ckpt_name: str):
         adv = info["QSilkModelAdvanced"]
         names = [*adv["input_order"].get("required", []), *adv["input_order"].get("optional", [])]
         shown = ", ".join("%s (%s)" % (n, info[n].get("display_name")) for n in QSILK_NODES)
-        return f"{shown}; Advanced has {len(names)} inputs"
+        return f"{shown}; Advanced has {len(names)} inputs; categories {categories}"
 
 
     if not res.check("a. the three QSilk nodes are in /object_info, with tooltips", qsilk_nodes_registered):
@@ -594,7 +598,7 @@ def run_checks(server: Comfy, res: Results, args, ckpt_name: str):
     res.check("e. two-pass hires workflow (KSampler → QSilkLatent → LatentUpscaleBy → KSampler → QSilkLatent) runs",
               hires)
 
-    def refused(prompt, node_id, field):
+    def refused(prompt, node_id, field, words=None):
         def check():
             try:
                 server.queue(prompt)
@@ -604,6 +608,8 @@ def run_checks(server: Comfy, res: Results, args, ckpt_name: str):
                 ensure(node_id in errs, f"node_errors does not name node {node_id}: {json.dumps(e.body)[:400]}")
                 text = json.dumps(errs[node_id])
                 ensure(field in text, f"node_errors[{node_id}] does not name {field!r}: {text[:400]}")
+                if words is not None:
+                    ensure(words in text, f"node_errors[{node_id}] does not say {words!r}: {text[:400]}")
                 first = errs[node_id]["errors"][0]
                 return f"HTTP 400: {first.get('message')}: {first.get('details')}"
             raise AssertionError("the prompt was accepted")
@@ -615,6 +621,14 @@ def run_checks(server: Comfy, res: Results, args, ckpt_name: str):
     adv = advanced_prompt(txt, info, qid, tile=3)
     res.check("f2. QSilkModelAdvanced tile=3 (below its minimum) is refused",
               refused(adv, qid, "tile"))
+    # queue-time refusals by QSilkModelAdvanced.VALIDATE_INPUTS: HTTP 400, the message naming the field
+    for tag, override, field, words in (
+            ("f3", {"p_wide": float("nan")}, "p_wide", "QSilk: p_wide must be"),  # JSON NaN
+            ("f4", {"sigma_floor": "nan"}, "sigma_floor", "QSilk: sigma_floor must be"),  # the string "nan"
+            ("f5", {"p_wide": 0.05, "p_narrow": 0.01}, "p_wide", "QSilk: p_wide must be at most p_narrow"),
+            ("f6", {"step_start": 0.8, "step_end": 0.2}, "step_start", "QSilk: step_start must be at most step_end")):
+        res.check(f"{tag}. QSilkModelAdvanced {override} is refused at queue time, naming {field}",
+                  refused(advanced_prompt(txt, info, qid, **override), qid, field, words))
 
     def after_other_patch(node, size):
         def check():
@@ -648,6 +662,26 @@ def run_checks(server: Comfy, res: Results, args, ckpt_name: str):
         return "defaults: " + "; ".join(summaries(entry["log"]))
 
     res.check("h. QSilk (model, advanced) with its default widgets runs", advanced_runs)
+
+    def uni_pc(sampler):
+        """uni_pc sets the run's last σ to 0.001 in place: QSilk (model) with Paper (literal) (only a
+        before-decode stage) must still stabilise the run's output and log no leftover-noise note."""
+        def check():
+            base = set_inputs(bypass(txt, ("QSilkLatent",)), "KSampler", sampler_name=sampler)
+            ref, _ = pixels(bypass(base, QSILK_NODES), f"{sampler}_plain")
+            px, entry = pixels(set_inputs(base, "QSilkModel", enabled=True, preset="Paper (literal)"),
+                               f"{sampler}_paper")
+            ensure(px != ref, "Paper (literal) gave the same pixels as no QSilk")
+            ensure("leftover noise" not in entry["log"], "a leftover-noise note was logged")
+            lines = summaries(entry["log"])
+            ensure(lines and all(summary_count(s, "pre-decode(s)") == 1 for s in lines),
+                   f"expected one pre-decode in the summary: {lines}")
+            return f"mean |Δ| {mean_abs_diff(px, ref):.3f} of 255; " + " | ".join(lines)
+        return check
+
+    res.check("i1. uni_pc + Paper (literal): stabilised before decode, no leftover-noise note", uni_pc("uni_pc"))
+    res.check("i2. uni_pc_bh2 + Paper (literal): stabilised before decode, no leftover-noise note",
+              uni_pc("uni_pc_bh2"))
 
 
 def advanced_prompt(prompt: dict, info: dict, node_id: str, **override) -> dict:
