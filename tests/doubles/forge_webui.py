@@ -32,10 +32,10 @@ It mirrors the call order an always-on script sees:
   None at CFG 1 (``hr_cfg`` defaults to 1); Wan-VAE models (``sd_model.is_wan``) sample latents of
   shape ``(C, T, H/8, W/8)`` per sample and decode each latent frame to images.
   ``modules/ui_components.py``: ``InputAccordion`` is a factory function, as in new Forge.
-  **Neo of 2026** (`NEO_2026`, ``Processing(build=NEO_2026)``; Haoming02/sd-webui-forge-classic
-  ``neo`` ``modules/processing.py`` as stored at ``050733fb``): new Forge's hires flow again —
-  ``before_hr``, hook, reset, hook (**1 + 2** calls with hires) — and Latent hires upscalers
-  (``latent_scale_mode``), which 2.26 does not list.
+  **Neo of February 2026** (an earlier build than 2.26; `NEO_2026_02`, ``Processing(build=
+  NEO_2026_02)``; Haoming02/sd-webui-forge-classic ``neo`` ``modules/processing.py`` as stored at
+  ``050733fb``): new Forge's hires flow — ``before_hr``, hook, reset, hook (**1 + 2** calls with
+  hires) — and Latent hires upscalers (``latent_scale_mode``), which 2.26 does not list.
 - **Forge Classic** ``1f95d717``: old Forge's flow (``before_hr``, reset, one hook call; ``p.uc``
   always a tensor); ``InputAccordion`` is the class.
 
@@ -58,8 +58,8 @@ import torch.nn.functional as F
 from . import forge_backend as fb
 from .forge_backend import BACKEND_FAMILIES, FORGE_CLASSIC, FORGE_NEO, FORGE_NEW, FORGE_OLD, REFORGE
 
-#: ``Processing(build=…)`` for a Forge Neo of 2026 (hires: 1 + 2 hook calls, Latent upscalers).
-NEO_2026 = "neo-2026"
+#: ``Processing(build=…)`` for a Forge Neo of February 2026 (hires: 1 + 2 hook calls, Latent upscalers).
+NEO_2026_02 = "neo-2026"
 from . import load_script  # noqa: F401  (A1111's script_loading, which Forge keeps)
 
 OPT_F = 8
@@ -498,7 +498,7 @@ class Processing:
     refiner: Any = None  # an SdModel to switch to inside the denoiser
     refiner_switch_at: float = 0.5
     frames: int = 1  # latent frames T of a Wan-VAE model's (C, T, H, W) latent
-    build: str = ""  # FORGE_NEO only: NEO_2026 for the 2026 hires flow (else release 2.26's)
+    build: str = ""  # FORGE_NEO only: NEO_2026_02 for February 2026's hires flow (else release 2.26's)
     is_hr_pass: bool = dataclasses.field(default=False, init=False)
 
     def __post_init__(self):
@@ -572,7 +572,7 @@ class Txt2Img(Processing):
         noise = self.rng(samples.shape[1:], offset=1)
         self.hr_c, self.hr_uc = self.conds(self.prompt, self.negative_prompt, self.hr_cfg)
         hook = lambda: self.scripts.process_before_every_sampling(self, x=samples, noise=noise, c=self.hr_c, uc=self.hr_uc)
-        if self.family == FORGE_NEW or (self.family == FORGE_NEO and self.build == NEO_2026):
+        if self.family == FORGE_NEW or (self.family == FORGE_NEO and self.build == NEO_2026_02):
             self.scripts.before_hr(self)
             hook()
             self.reset_forge_objects()

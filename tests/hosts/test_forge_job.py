@@ -257,11 +257,11 @@ def test_a_sampler_rewriting_its_sigmas_in_place_still_gets_the_before_decode_st
 
 
 @pytest.mark.parametrize("host", [FORGE_NEO], indirect=True)
-@pytest.mark.parametrize("build, hook_calls", [("", 2), (fw.NEO_2026, 3)])
+@pytest.mark.parametrize("build, hook_calls", [("", 2), (fw.NEO_2026_02, 3)])
 @pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
 def test_both_neo_hires_flows(host, build, hook_calls, upscaler):
-    """Neo 2.26 runs the hook once for the hires pass (1 + 1); a Neo of 2026 runs it twice there
-    (1 + 2, as new Forge) and lists Latent upscalers: each pass is started once and every evaluation
+    """Neo 2.26 runs the hook once for the hires pass (1 + 1); a Neo of February 2026 runs it twice
+    there (1 + 2, as new Forge) and lists Latent upscalers: each pass is started once and every evaluation
     stabilised once either way."""
     evaluations = []
 
