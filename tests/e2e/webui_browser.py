@@ -120,6 +120,36 @@ def main(argv: list[str] | None = None) -> int:
             page.wait_for_timeout(800)
             run.report(page.locator(eid("preset")).first.is_visible(), "QSilk accordion opens on click")
 
+        # -- panel polish (issue 15): groups, low-bit line, preset help, summary ----------------
+        groups = {g: page.locator(eid(f"group_{g}")).count() > 0
+                  for g in ("qsilk", "aqclip", "schedule", "probe", "quant")}
+        run.report(all(groups.values()), "five closed groups (micro-clamp, AQClip, where, probe, low-bit)",
+                   str(groups))
+        quant_line = page.evaluate("(sel) => { const el = document.querySelector(sel); "
+                                   "return el ? el.textContent.trim() : null; }", eid("quant_status"))
+        run.report(bool(quant_line) and "no model loaded" not in quant_line,
+                   "low-bit status describes the loaded model without Refresh", repr((quant_line or "")[:160]))
+
+        def block_text(name):
+            return page.evaluate("(sel) => { const el = document.querySelector(sel); "
+                                 "return el ? el.textContent : ''; }", eid(name))
+
+        balanced_help = block_text("preset")
+        choose(page, eid("preset"), "Paper (literal)")
+        for _ in range(30):
+            paper_hint = page.locator(eid("preset_hint")).first.inner_text()
+            paper_help = block_text("preset")
+            if paper_hint.startswith("Paper (literal):") and "reproduction" in paper_help:
+                break
+            page.wait_for_timeout(500)
+        run.report("The default." in balanced_help and "reproduction" in paper_help and "The default." not in paper_help,
+                   "the preset's help describes the chosen preset",
+                   f"Balanced: {balanced_help.strip()[-90:]!r}; Paper: {paper_help.strip()[-90:]!r}")
+        run.report(all(w in paper_hint for w in ("tanh α 2", "no sigma floor", "tail shares 0.0005–0.01"))
+                   and "%" not in paper_hint,
+                   "the summary names the values Paper (literal) sets, tail shares as on the sliders",
+                   repr(paper_hint[:220]))
+
         before = {n: number_value(page, n) for n in ("p_wide", "p_narrow", "tile", "q_hi")}
         hint_before = page.locator(eid("preset_hint")).first.inner_text()
         print(f"NOTE preset {dropdown_value(page, 'preset')!r}, values {before}", flush=True)
