@@ -10,7 +10,10 @@ default); choosing preset Crisp changes the controls; one generation's infotext 
 ``QSilk: v=1; preset=Crisp``; the X/Y/Z plot axis list has ``[QSilk] …`` entries; pasting an
 infotext with ``QSilk: v=1; preset=Balanced; tile=48`` through the ↙ button sets the tile slider
 to 48. Prints PASS/FAIL lines and ``N passed, M failed``; screenshots of the opened panel go to
-``--shots`` (``<host>_panel.png``, ``<host>_panel_full.png``, ``<host>_page.png``).
+``--shots`` (``<host>_panel_balanced.png``, ``<host>_panel_paper.png``, ``<host>_panel.png`` (Crisp),
+``<host>_panel_full.png``, ``<host>_page.png``). Also checked: the five groups are there, the
+low-bit line describes the loaded model without Refresh, the preset's help follows the chosen
+preset and the summary line names what Paper (literal) sets.
 """
 from __future__ import annotations
 
@@ -120,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             page.wait_for_timeout(800)
             run.report(page.locator(eid("preset")).first.is_visible(), "QSilk accordion opens on click")
 
+        if shots:
+            page.wait_for_timeout(500)
+            panel.screenshot(path=os.path.join(shots, f"{args.host_name}_panel_balanced.png"))
         # -- panel polish (issue 15): groups, low-bit line, preset help, summary ----------------
         groups = {g: page.locator(eid(f"group_{g}")).count() > 0
                   for g in ("qsilk", "aqclip", "schedule", "probe", "quant")}
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"NOTE preset {dropdown_value(page, 'preset')!r}, values {before}", flush=True)
         if shots:
             page.wait_for_timeout(500)
-            panel.screenshot(path=os.path.join(shots, f"{args.host_name}_panel_balanced.png"))
+            panel.screenshot(path=os.path.join(shots, f"{args.host_name}_panel_paper.png"))
         choose(page, eid("preset"), "Crisp")
         for _ in range(30):  # the values come back from the server: poll (seconds on a busy CPU)
             after = {n: number_value(page, n) for n in ("p_wide", "p_narrow", "tile", "q_hi")}
