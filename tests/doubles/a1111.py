@@ -785,7 +785,7 @@ class ScriptCallback:
 ScriptCallbackV16 = collections.namedtuple("ScriptCallback", ["script", "callback"])
 
 CATEGORIES = ("app_started", "model_loaded", "ui_settings", "cfg_denoiser", "cfg_denoised", "cfg_after_cfg",
-              "script_unloaded", "before_ui", "infotext_pasted")
+              "script_unloaded", "before_ui", "infotext_pasted", "after_component")
 
 
 def _make_script_callbacks(version: tuple, remover: bool) -> types.ModuleType:
@@ -865,6 +865,17 @@ def _make_script_callbacks(version: tuple, remover: bool) -> types.ModuleType:
     mod.ui_settings_callback = dispatcher("ui_settings")
     mod.before_ui_callback = dispatcher("before_ui")
     mod.script_unloaded_callback = dispatcher("script_unloaded")
+
+    def after_component_callback(component, **kwargs):
+        """``modules/script_callbacks.py``: called for every Gradio component the UI creates (the
+        double's UI code calls it where the WebUI's patched component constructor would)."""
+        for c in list(ordered_callbacks("after_component")):
+            try:
+                c.callback(component, **kwargs)
+            except Exception as exc:
+                W().log["callback_errors"].append(("after_component", exc))
+
+    mod.after_component_callback = after_component_callback
 
     if remover:
         def remove_callbacks_for_function(callback_func):

@@ -264,3 +264,26 @@ def test_each_job_prints_its_summary_line_unless_the_settings_page_says_not(harn
     webui.opts.data[common.OPT_CONSOLE_SUMMARY] = False
     harness.txt2img([{"preset": "Balanced"}], **SMALL)
     assert not [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("QSilk (")]
+
+
+def test_the_low_bit_line_follows_the_checkpoint_selector_created_after_the_panel(webui, monkeypatch):
+    """A1111 1.10 builds the txt2img/img2img tabs, then the settings (with the checkpoint selector,
+    ``setting_sd_model_checkpoint``): the script connects its low-bit line when that selector is
+    created; panels built later (the API's throwaway builds) are not connected."""
+    import gradio as gr
+    with gr.Blocks() as blocks:
+        harness = d.Harness(str(ROOT), webui)  # builds the panel (ui()) like the WebUI does
+        line = harness.module._MODEL_FOLLOW.pending[-1][0].quant_line
+        selector = gr.Dropdown(choices=["a.safetensors", "b.safetensors"], value="a.safetensors",
+                               elem_id="setting_sd_model_checkpoint")
+        webui.script_callbacks.after_component_callback(selector, elem_id=selector.elem_id)
+    follow = harness.module._MODEL_FOLLOW
+    assert follow.done and follow.pending == []
+    fns = list(blocks.fns.values()) if isinstance(blocks.fns, dict) else list(blocks.fns)
+    wired = [(fn, dep) for fn, dep in zip(fns, blocks.dependencies)
+             if dep["outputs"] == [line._id] and selector._id in [t if isinstance(t, int) else t[0]
+                                                                   for t in dep["targets"]]]
+    assert len(wired) == 1
+    handler = wired[0][0].fn
+    text = handler("b.safetensors", wait_s=0.0)  # no model of that name loads here: answers at once
+    assert isinstance(text, str) and text
