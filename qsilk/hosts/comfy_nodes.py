@@ -17,8 +17,8 @@ by a link are not known at queue time and are checked when the node runs. Errors
 runs are a plain ``ValueError`` with the message (not `SettingsError`, whose qualified name in a
 custom-node package is unreadable).
 
-The V3 node schema (``comfy_api.latest``) is not used: the classic API is what every ComfyUI the
-README names (v0.3.64 and later) loads.
+The V3 node schema (``comfy_api.latest``, in ComfyUI since July 2025) is not used: the classic API
+is what every ComfyUI the README names loads (model wrappers, December 2024 on, to v0.3.64).
 
 Not offered in ComfyUI: ``hires`` (ComfyUI has no hires pass: a second sampler after a latent
 upscale is just another run, stabilised when its model is patched), ``show_maps`` (no gallery to
