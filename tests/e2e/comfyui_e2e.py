@@ -630,6 +630,26 @@ def run_checks(server: Comfy, res: Results, args, ckpt_name: str):
         res.check(f"{tag}. QSilkModelAdvanced {override} is refused at queue time, naming {field}",
                   refused(advanced_prompt(txt, info, qid, **override), qid, field, words))
 
+    def linked_value_fails_cleanly():
+        """A value fed by a link is unknown at queue time: the node refuses it when it runs, with a
+        plain ValueError (not the package-qualified SettingsError) carrying the message."""
+        ensure("PrimitiveFloat" in info, "no PrimitiveFloat node in this ComfyUI")
+        p = advanced_prompt(txt, info, qid, p_narrow=0.01)
+        p["901"] = {"class_type": "PrimitiveFloat", "inputs": {"value": 0.05}}
+        p[qid]["inputs"]["p_wide"] = ["901", 0]
+        try:
+            server.run(set_inputs(p, "SaveImage", filename_prefix="qsilk_e2e/linked"), args.prompt_timeout)
+        except RuntimeError as e:
+            text = str(e)
+            ensure('"exception_type": "ValueError"' in text, f"not a plain ValueError: {text[:600]}")
+            ensure("QSilk: p_wide must be at most p_narrow" in text, f"message: {text[:600]}")
+            m = re.search(r'"exception_message": "([^"]*)"', text)
+            return f"queued, then ValueError: {m.group(1) if m else text[:200]}"
+        raise AssertionError("the prompt ran")
+
+    res.check("f7. a linked p_wide above p_narrow fails when the node runs, as a plain ValueError",
+              linked_value_fails_cleanly)
+
     def after_other_patch(node, size):
         def check():
             ensure(node in info, f"{node} is not in this ComfyUI")
