@@ -15,11 +15,11 @@ functions put there are closures, which ``deepcopy`` keeps as they are) carrying
   already at latent size, inside the model load. It starts a fresh `Stabilizer` (`begin_pass`), hooks
   the probe, samples, removes the hooks (``finally``), stabilises the run's output before decode
   (``pre_decode``: only when the run ends at σ = 0, i.e. no leftover noise) and logs the WebUIs'
-  one-line summary. "Ends at σ = 0" is read from a CPU copy of the sigmas taken before sampling
-  starts (one read per run): ``uni_pc`` / ``uni_pc_bh2`` (``comfy/extra_samplers/uni_pc.py``) set
-  the last σ of the tensor they are given to 0.001 in place; no other sampler of
-  ``comfy/samplers.py`` ``SAMPLER_NAMES`` writes to it. The output is still in the model's latent space there (before
-  ``process_latent_out``), the space the post-CFG x0 lives in.
+  one-line summary. The output is still in the model's latent space there (before
+  ``process_latent_out``), the space the post-CFG x0 lives in. "Ends at σ = 0" is read from a CPU
+  copy of the sigmas taken before sampling starts (one read per run): ``uni_pc`` / ``uni_pc_bh2``
+  (``comfy/extra_samplers/uni_pc.py``) set the last σ of the tensor they are given to 0.001 in
+  place; no other sampler of ``comfy/samplers.py`` ``SAMPLER_NAMES`` writes to it.
 - **Per evaluation**: a post-CFG function on ``denoised`` (x0). The step window is the position of
   the evaluation's σ in the run's sigmas: ``i`` = the last schedule index whose σ is ≥ it, of
   ``n = len(sigmas) − 1`` (progress ``i/(n−1)``, as the WebUIs' evaluation index). ComfyUI skips the
