@@ -68,8 +68,8 @@ def _preset(tooltip: str) -> tuple:
     return kind, {**spec, "tooltip": tooltip}
 
 
-def _presets_list(skip: tuple[str, ...] = ()) -> str:
-    return " ".join(f"{name}: {PRESET_HELP[name]}" for name in PRESETS if name not in skip)
+def _presets_list() -> str:
+    return " ".join(f"{name}: {PRESET_HELP[name]}" for name in PRESETS)
 
 
 MODEL_SWITCH = ("On: every sampler run of the returned model is stabilised (a QSilk patch from an earlier "

@@ -182,7 +182,8 @@ def test_each_nodes_texts_describe_that_node():
     advanced = nodes.QSilkModelAdvanced.INPUT_TYPES()["required"]
     for required in (model, latent):
         assert "control" not in required["preset"][1]["tooltip"]  # nothing "below" on these nodes
-    assert all(name in model["preset"][1]["tooltip"] for name in PRESETS)
+    assert all(f"{name}: " in model["preset"][1]["tooltip"] for name in PRESETS)
+    assert all(f"{name}: " in latent["preset"][1]["tooltip"] for name in PRESETS)
     assert "Lite" in latent["preset"][1]["tooltip"] and "attention confidence" not in latent["preset"][1]["tooltip"]
     assert "preset" not in advanced["enabled"][1]["tooltip"]  # the advanced node has no preset
     assert "earlier QSilk patch" in model["enabled"][1]["tooltip"]
