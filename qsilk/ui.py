@@ -9,7 +9,9 @@ nothing and the core stays free of UI dependencies.
 Layout: one accordion whose header checkbox is the on/off switch (the WebUI's ``InputAccordion``,
 passed in as `accordion`), then the preset, the two placement switches users ask about most
 ("Hires pass", "Before decode"), a one-line summary of what the values set do (`describe_values`),
-and one closed sub-accordion per group. The returned components are in `PARAMS` order whatever
+and one closed sub-accordion per group. The preset's help text is the chosen preset's
+(`preset_help`); the low-bit group's status line is filled at each page load and, where the host
+connects it (`follow_model_changes`), after a checkpoint change. The returned components are in `PARAMS` order whatever
 the layout, because that order is the script's argument order.
 """
 from __future__ import annotations
@@ -260,7 +262,7 @@ def _file_dropdown(gr: Any, param: Param, value: Any, elem_id: Callable[[str], s
 
 
 def _quant_status(gr: Any, status: Callable[[], str], files: Callable[[], list[str]] | None,
-                  file_box: Any, elem_id: Callable[[str], str]) -> None:
+                  file_box: Any, elem_id: Callable[[str], str]) -> Any:
     """Read-only low-bit line (detected storage, files found) with a refresh button. The line's
     value is the `status` function itself: Gradio calls it each time the page loads, so the line
     describes the model loaded then, not the one (or none) loaded when the UI was built."""
