@@ -408,6 +408,8 @@ def main(argv=None) -> int:
                     help="where the random checkpoint is kept (default: $QSILK_E2E_CACHE or ~/.cache/qsilk-e2e)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary base directory (log, outputs)")
     ap.add_argument("--port", type=int, default=0, help="loopback port for ComfyUI (default: a free one)")
+    ap.add_argument("--all-samplers", action="store_true",
+                    help="also run QSilk (model) with Paper (literal) on every sampler KSampler lists (minutes)")
     ap.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     ap.add_argument("--steps", type=int, default=3, help="sampling steps per pass (default 3)")
     ap.add_argument("--seed", type=int, default=1234)
@@ -702,6 +704,32 @@ def run_checks(server: Comfy, res: Results, args, ckpt_name: str):
     res.check("i1. uni_pc + Paper (literal): stabilised before decode, no leftover-noise note", uni_pc("uni_pc"))
     res.check("i2. uni_pc_bh2 + Paper (literal): stabilised before decode, no leftover-noise note",
               uni_pc("uni_pc_bh2"))
+
+    def every_sampler():
+        """Each sampler of KSampler's list ends its run at σ = 0 (0.001 for uni_pc): one pre-decode in
+        its summary line and no leftover-noise note."""
+        names = _spec_opts(info["KSampler"]["input"]["required"]["sampler_name"]).get("options") \
+            or info["KSampler"]["input"]["required"]["sampler_name"][0]
+        base = set_inputs(bypass(txt, ("QSilkLatent",)), "QSilkModel", enabled=True, preset="Paper (literal)")
+        bad, times = [], []
+        for name in names:
+            t0 = time.time()
+            try:
+                _, entry = pixels(set_inputs(base, "KSampler", sampler_name=name), f"all_{name}")
+            except Exception as e:  # noqa: BLE001 — reported with the sampler's name
+                bad.append(f"{name}: {type(e).__name__}: {str(e)[:160]}")
+                continue
+            times.append(time.time() - t0)
+            lines = summaries(entry["log"])
+            if "leftover noise" in entry["log"] or not lines or any(summary_count(x, "pre-decode(s)") != 1
+                                                                    for x in lines):
+                bad.append(f"{name}: {lines}")
+        ensure(not bad, f"{len(bad)} of {len(names)}: " + " | ".join(bad))
+        return f"{len(names)} samplers, one pre-decode each, no leftover-noise note ({sum(times):.0f} s)"
+
+    if args.all_samplers:
+        res.check("j. every sampler KSampler lists, with Paper (literal): one pre-decode, no leftover-noise note",
+                  every_sampler)
 
 
 def advanced_prompt(prompt: dict, info: dict, node_id: str, **override) -> dict:
