@@ -5,11 +5,13 @@ at least one launch, ~4–8 µs of CPU dispatch) and whether it makes the CPU wa
 host sync). Both are properties of the op sequence, not of the device, so they can be counted on
 CPU with the torch profiler — deterministically, without timing:
 
-- **launches**: aten ops with no aten op below them (the ones that run a kernel themselves),
-  leaving out those that never launch one: views and metadata ops (`view`, `as_strided`,
-  `expand`, `slice`, …), allocations (`empty*`) and a ``to`` / ``contiguous`` that returned its
-  input (a leaf ``aten::to`` has no ``_to_copy`` under it). `raw` also gives the issue's first
-  count (every leaf that is not a view) for comparison.
+- **launches**: aten ops that run a kernel themselves: ops with no kernel-running aten op below
+  them, leaving out those that never launch one — views and metadata ops (`view`, `as_strided`,
+  `expand`, `slice`, …), allocations (`empty*`), a ``to`` / ``contiguous`` that returned its
+  input (a leaf ``aten::to`` has no ``_to_copy`` under it) and Python numbers wrapped as CPU
+  scalars (``scalar_tensor``). `raw` also gives the issue's first count (every aten leaf that is
+  not a view) for comparison. CPU is the proxy: an op that the CPU implements with a helper copy
+  (a mixed-dtype op, ``sort``) counts its helpers too.
 - **syncs**: ops that make a CUDA host wait for the device: ``item`` / ``_local_scalar_dense``
   (``.item()``, ``float(t)``, ``bool(t)``, ``.tolist()``), ``equal``, ``is_nonzero``, ``nonzero``,
   ``masked_select``, ``unique``, boolean indexing, ``allclose`` …
@@ -71,6 +73,8 @@ NO_KERNEL = frozenset({
     "aten::swapaxes", "aten::matrix_H", "aten::real", "aten::_conj", "aten::conj", "aten::squeeze_",
     "aten::unsqueeze_", "aten::as_strided_", "aten::_has_compatible_shallow_copy_type", "aten::broadcast_to",
     "aten::unfold", "aten::align_as", "aten::refine_names", "aten::rename",
+    # a Python number made a tensor for an op: a CPU "wrapped number", never a device kernel
+    "aten::scalar_tensor",
 })
 #: Views counted as such in `raw` (the issue's first count: every leaf that is not a view).
 VIEWS = frozenset(NO_KERNEL - {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::to",
@@ -86,7 +90,18 @@ SYNC = frozenset({
 
 
 # -- counting -----------------------------------------------------------------------------------
-def _has_aten_descendant(ev) -> bool:
+def _launches_below(ev) -> bool:
+    """Whether an aten op below `ev` launches a kernel itself (then `ev` is not counted)."""
+    stack = list(ev.cpu_children)
+    while stack:
+        c = stack.pop()
+        if c.name.startswith("aten::") and c.name not in NO_KERNEL:
+            return True
+        stack.extend(c.cpu_children)
+    return False
+
+
+def _aten_below(ev) -> bool:
     stack = list(ev.cpu_children)
     while stack:
         c = stack.pop()
@@ -131,11 +146,9 @@ def tally(events: Iterable, scopes: frozenset[str] | None = None, exclude: froze
             parent = ev.cpu_parent
             if parent is None or parent.name not in SYNC:
                 syncs[name] += 1
-        if _has_aten_descendant(ev):
-            continue
-        if name not in VIEWS:
+        if name not in VIEWS and not _aten_below(ev):
             raw += 1
-        if name not in NO_KERNEL and name not in ("aten::_local_scalar_dense",):
+        if name not in NO_KERNEL and name != "aten::_local_scalar_dense" and not _launches_below(ev):
             launches[name] += 1
     return {"launches": sum(launches.values()), "raw": raw, "syncs": sum(syncs.values()),
             "ops": dict(launches.most_common()), "sync_ops": dict(syncs)}

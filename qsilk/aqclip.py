@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from statistics import NormalDist
 
 import torch
 import torch.nn.functional as F
 
 from . import confidence as cf
+from .consts import scalar, zeroed_scratch
 from .limiter import check_shape_alpha
-from .tiles import TileGrid, coverage_2d, overlap_add_changes, spread_tiles, tile_grid, tile_stats
+from .tiles import (TileGrid, batched, blend_factor, fold_buffer, fold_phases, layout, phase_view, phase_weight,
+                    spread_tiles, tile_grid, tile_params_view, window)
 
 VARIANTS = ("qsilk", "paper")
 DEFAULT_SHAPE = {"qsilk": "soft", "paper": "tanh"}
@@ -111,17 +114,6 @@ def _check_args(x, tile, stride, shape, alpha, variant, p_wide, p_narrow, streng
     num("ema_beta", ema_beta, 0.0, 1.0, hi_open=True)
 
 
-def _confidence(x32, confidence, variant: str, grid: TileGrid) -> torch.Tensor:
-    """``c`` on the tile grid ``(B,1,n_h,n_w)`` from a given map or Lite (spec §3.3)."""
-    b, _, h, w = x32.shape
-    pool = lambda m: cf.pool_to_tiles(m, grid.pad_h, grid.pad_w, grid.tile, grid.stride)  # noqa: E731
-    if confidence is None:
-        g = pool(cf.lite_map(x32, variant))
-        return cf.normalise_paper(g) if variant == "paper" else cf.normalise_qsilk(g, cf.lite_tau(g))
-    a = pool(cf.resize_map(confidence.to(x32.device), (h, w), b))
-    return cf.normalise_paper(a) if variant == "paper" else cf.normalise_qsilk(a, cf.ATTN_TAU)
-
-
 def aqclip(x: torch.Tensor, confidence: torch.Tensor | None = None, *, tile: int = 32, stride: int = 16,
            shape: str | None = None, alpha: float = 2.0, variant: str = "qsilk", p_wide: float = 0.0005,
            p_narrow: float = 0.01, strength: float = 1.0, state: AQClipState | None = None,
@@ -160,28 +152,250 @@ def aqclip(x: torch.Tensor, confidence: torch.Tensor | None = None, *, tile: int
     tensor(True)
     """
     _check_args(x, tile, stride, shape, alpha, variant, p_wide, p_narrow, strength, sigma_floor, ema_beta)
+    out, finite, maps = aqclip_unmasked(
+        x, confidence, tile=tile, stride=stride, shape=shape, alpha=alpha, variant=variant, p_wide=p_wide,
+        p_narrow=p_narrow, strength=strength, state=state, sigma_floor=sigma_floor, ema_beta=ema_beta,
+        return_maps=return_maps)
+    out = torch.where(finite.view(-1, 1, 1, 1), out, x)
+    return (out, maps) if return_maps else out
+
+
+#: Relative bias subtracted from a tile's variance, ``κ·n·μ_d²`` (n = T² values, μ_d its mean
+#: relative to the channel mean): above the float64 summation error of n equal values, so a
+#: constant tile gets σ = 0 exactly (its corridor is degenerate); negligible otherwise.
+KAPPA = 4 * 2.0 ** -52
+#: Smallest corridor half-width used as a divisor (a degenerate corridor then clamps, spec §1).
+TINY = 1e-30
+
+
+def aqclip_unmasked(x: torch.Tensor, confidence: torch.Tensor | None = None, *, tile: int = 32,
+                    stride: int = 16, shape: str | None = None, alpha: float = 2.0, variant: str = "qsilk",
+                    p_wide: float = 0.0005, p_narrow: float = 0.01, strength: float = 1.0,
+                    state: AQClipState | None = None, sigma_floor: float = 1.0, ema_beta: float = 0.8,
+                    finite: torch.Tensor | None = None, return_maps: bool = False):
+    """`aqclip` without its pass-through of non-finite samples and without argument checks:
+    ``(out, finite, maps | None)``; `out` is unspecified for samples where `finite` is False (the
+    caller restores them; `Stabilizer` does so once, after every component). `finite` ``(B,)`` may
+    be given (from `clamp.clamp_unmasked` on the same values), else it is computed.
+
+    The lean path of issue #14, a fixed number of batched ops whatever the latent size:
+
+    - statistics: one float64 copy, per-channel ``var_mean``, ``d = x − mean_c``, one ``avg_pool2d``
+      over ``[d, d², source]`` (all channels and the confidence source at once) gives each tile's
+      ``μ_d``, ``E[d²]`` and pooled source; ``σ² = E[d²] − (1+κ)·μ_d²`` (two-pass around the
+      channel mean; κ makes a constant tile's σ exactly 0);
+    - confidence: `confidence.lite_source` (six ops) or the given map, `normalise_tiles` (exact
+      percentiles by one ``topk``), the EMA as one ``lerp`` and one ``where``;
+    - corridor: the limiter's per-tile constants as one tensor, in a few small ops;
+    - limiter and overlap-add: all ⌈T/S⌉² tile phases as one strided view of the padded latent
+      (`tiles.phase_view`), the limiter's change in 3–5 element-wise ops, weighted straight into
+      `F.fold`'s layout and folded (when ``⌈T/S⌉² ≤ 4``; temporaries ≤ 4× the padded latent);
+      larger ratios loop over the phases (memory O(C·H·W)).
+    """
     shape = DEFAULT_SHAPE[variant] if shape is None else shape
     b, c, h, w = x.shape
     grid = tile_grid(h, w, tile, stride)
+    dev = str(x.device)
     x32 = x.float()
-    s1 = x32.sum((2, 3)).double()
-    finite = s1.isfinite().all(1)  # NaN/±Inf (a float32 sum overflowing, |x| ~ 1e34, counts too)
-    xp = F.pad(x32, (0, grid.pad_w, 0, grid.pad_h), mode="reflect") if grid.pad_h or grid.pad_w else x32
-    xp = xp.contiguous()
-    mu, sigma = tile_stats(xp, grid, pooled=variant == "paper")
-    l, hb, conf = _bounds(x32, s1, mu, sigma, confidence, variant, grid, state, finite,
-                          sigma_floor, p_wide, p_narrow, ema_beta)
-    acc = overlap_add_changes(xp, l, hb, grid, shape, alpha, triangular=variant == "qsilk")
-    factor = strength / coverage_2d(grid, variant == "qsilk", str(x.device))[:h, :w]
-    out = x32 - acc[..., :h, :w] * factor
+    x64 = x32.double()
+    var_s, mean = torch.var_mean(x64, (2, 3), unbiased=False, keepdim=True)  # (B, C, 1, 1)
+    if finite is None:  # a float64 sum of float32 values is non-finite iff one is NaN/±Inf
+        total = mean.sum((1, 2, 3))
+        finite = torch.sub(total, total) == 0
+    d = x64 - mean
+    reuse = _start_evaluation(state, (variant, tuple(x.shape), grid, dev), confidence is not None)
+    pieces = [d, d * d]
+    lite_eps = None
+    if not reuse:
+        if confidence is None:
+            src, scale = cf.lite_source(x32, variant)
+            lite_eps = 1e-12 / scale  # τ's 1e-12 on lite_map's scale (the normalisation is scale-free)
+        else:
+            src = cf.resize_map(confidence.to(x.device), (h, w), b)
+        pieces.append(src.double())
+    moments = torch.cat(pieces, 1)
+    if grid.pad_h or grid.pad_w:
+        moments = F.pad(moments, (0, grid.pad_w, 0, grid.pad_h), mode="reflect")
+    pooled = F.avg_pool2d(moments, grid.tile, grid.stride)  # (B, 2C[+1], n_h, n_w) float64
+    tm, te = pooled[:, :c], pooled[:, c:2 * c]
+    var = torch.addcmul(te, tm, tm, value=-(1.0 + KAPPA * grid.tile * grid.tile))
     ok = finite.view(-1, 1, 1, 1)
-    out = torch.where(ok, out.to(x.dtype), x)
+
+    # -- confidence on the tile grid (B, 1, n_h, n_w), with the EMA of spec §3.5 ------------------
+    if reuse:  # samples the state never saw finite get the widest (qsilk) / confident (paper) corridor
+        seen = state.seen.view(-1, 1, 1, 1)
+        conf = torch.where(seen, state.last_confidence, 1.0)
+    else:
+        a = pooled[:, 2 * c:]
+        if variant == "paper":
+            conf = cf.normalise_paper(a)
+        else:
+            conf = cf.normalise_tiles(a, lite_eps)
+    if variant == "paper":
+        mu_c = mean + tm
+        mu = mu_c.mean(1, keepdim=True)
+        dev_c = mu_c - mu
+        sigma = torch.addcmul(var.clamp_min(0.0), dev_c, dev_c).mean(1, keepdim=True).sqrt_()
+        if not reuse:
+            conf = torch.where(ok, conf, 1.0)
+        lo, hi = corridor_paper(mu, sigma, conf)
+        if reuse:
+            lo, hi = (torch.where(seen, v, now) for v, now in zip(state.value, (lo, hi)))
+        elif state is not None:
+            lo, hi = _ema(state, (lo, hi), ema_beta, finite)
+        m, half = (lo + hi) * 0.5, (hi - lo) * 0.5
+        params = _params(m, half, None, shape, alpha)
+    else:
+        if state is not None and not reuse:
+            conf = _ema_confidence(state, conf, ema_beta, finite, ok)
+        rho = float(sigma_floor)
+        floor = var_s if rho == 1.0 else (var_s * (rho * rho) if rho > 0 else 0.0)
+        sigma_eff = torch.clamp(var, min=floor).sqrt_() if rho > 0 else var.clamp_min_(0.0).sqrt_()
+        params = _params(mean + tm, sigma_eff, conf, shape, alpha, p_wide=p_wide, p_narrow=p_narrow)
+    if state is not None and not reuse:
+        state.has_attn |= confidence is not None
+        if variant == "paper":
+            last = state.last_confidence
+            state.last_confidence = conf if last is None else torch.where(ok, conf, last)
+        else:
+            state.last_confidence = conf
+
+    acc = _overlap_add(x32, params, grid, shape, variant == "qsilk")
+    factor = blend_factor(grid, variant == "qsilk", float(strength), (h, w), dev)
+    out = torch.addcmul(x32, acc[..., :h, :w], factor).to(x.dtype)
     if not return_maps:
-        return out
+        return out, finite, None
     zero = torch.zeros((), device=x.device)
     maps = {"confidence": torch.where(ok, spread_tiles(conf, grid, variant == "qsilk", (h, w)), zero),
             "activity": torch.where(ok, (out.float() - x32).abs().sum(1, keepdim=True), zero)}
-    return out, maps
+    return out, finite, maps
+
+
+@lru_cache(maxsize=64)
+def _corridor_coefs(shape: str, alpha: float, p_wide: float, p_narrow: float, dtype: torch.dtype, device: str):
+    """Cached per-row constants of `_params` for the `qsilk` corridor (rows of the limiter's
+    per-tile constants): ``(A, B, base_mask, min)`` with ``rows = base_mask·μ + (A + B·c)·σ_eff``."""
+    z_n, z_w = -NormalDist().inv_cdf(p_narrow), -NormalDist().inv_cdf(p_wide)
+    if shape == "hard":      # l, h
+        coef, mask, mins = (-1.0, 1.0), (1.0, 1.0), None
+    else:                    # soft: m − kδ, m + kδ, (1−k)δ
+        k, k1 = alpha / (1.0 + alpha), 1.0 / (1.0 + alpha)
+        coef, mask, mins = (-k, k, k1), (1.0, 1.0, 0.0), (-math.inf, -math.inf, TINY)
+    col = lambda v: torch.tensor(v, dtype=dtype).view(-1, 1, 1, 1, 1).to(device)  # noqa: E731
+    return (col([v * z_n for v in coef]), col([v * (z_w - z_n) for v in coef]),
+            None if mins is None else col(mask), None if mins is None else col(mins))
+
+
+def _params(m: torch.Tensor, scale: torch.Tensor, conf: torch.Tensor | None, shape: str, alpha: float, *,
+            p_wide: float = 0.0005, p_narrow: float = 0.01) -> torch.Tensor:
+    """The limiter's per-tile constants as one float64 tensor ``(rows, B, C|1, n_h, n_w)``.
+
+    With `conf` (`qsilk`): the corridor is ``μ ± z·σ_eff``, ``z = z_n + (z_w − z_n)·c`` (spec §3.4):
+    `m` = μ, `scale` = σ_eff. Without: `m`, `scale` are the corridor's centre and half-width δ.
+    Rows — hard: ``(l, h)``; soft: ``(m − kδ, m + kδ, (1−k)δ)`` (the last ≥ 1e-30); tanh:
+    ``(m, α/δ, δ)``. A degenerate corridor (δ → 0) then clamps, as spec §1 asks, to within δ.
+    """
+    if conf is not None and shape in ("hard", "soft"):
+        a_, b_, mask, mins = _corridor_coefs(shape, float(alpha), float(p_wide), float(p_narrow), m.dtype,
+                                             str(m.device))
+        zc = torch.addcmul(a_, b_, conf.unsqueeze(0))
+        rows = torch.addcmul(m.unsqueeze(0) if mask is None else m.unsqueeze(0) * mask, zc, scale.unsqueeze(0))
+        return rows if mins is None else torch.clamp(rows, min=mins)
+    if conf is not None:
+        z_n, z_w = -NormalDist().inv_cdf(p_narrow), -NormalDist().inv_cdf(p_wide)
+        scale = (z_n + (z_w - z_n) * conf) * scale
+    if shape == "hard":
+        return torch.stack((m - scale, m + scale))
+    if shape == "soft":
+        k, k1 = alpha / (1.0 + alpha), 1.0 / (1.0 + alpha)
+        return torch.stack((m - k * scale, m + k * scale, (k1 * scale).clamp_min(TINY)))
+    m = m.expand_as(scale) if m.shape != scale.shape else m
+    return torch.stack((m, alpha / scale.clamp_min(TINY), scale))
+
+
+def _change(v: torch.Tensor, p: tuple[torch.Tensor, ...], shape: str) -> torch.Tensor:
+    """The limiter's change ``x − L(x)`` of float32 values `v` given `_params` rows `p`
+    (broadcastable): exactly ±0 wherever the shape keeps the value (hard: inside ``[l, h]``;
+    soft: inside the knee ``[m − kδ, m + kδ]``). A new tensor."""
+    if shape == "hard":
+        t = torch.clamp(v, p[0], p[1])
+        return torch.sub(v, t, out=t)
+    if shape == "soft":
+        # s = v − clamp(v, m − kδ, m + kδ) is the signed excess over the knee (0 inside it); the
+        # change is s − (1−k)δ·tanh(s/((1−k)δ)) (tanh is odd: the sign comes with s)
+        s = torch.clamp(v, p[0], p[1])
+        s = torch.sub(v, s, out=s)
+        t = torch.div(s, p[2]).tanh_()
+        return torch.addcmul(s, t, p[2], value=-1.0, out=t)
+    u = v - p[0]                                  # tanh: u − δ·tanh(α·u/δ)
+    t = torch.mul(u, p[1]).tanh_()
+    return torch.addcmul(u, t, p[2], value=-1.0, out=t)
+
+
+def _overlap_add(x32: torch.Tensor, params: torch.Tensor, grid: TileGrid, shape: str, triangular: bool
+                 ) -> torch.Tensor:
+    """``Σ_tiles w·(x − L_tile(x))`` (spec §3.6) on the padded latent: ``(B, C, ≥H_pad, ≥W_pad)``.
+    An unchanged value contributes exactly ±0 (the sum starts at +0)."""
+    b, c, h, w = x32.shape
+    if batched(grid):
+        lay = layout(grid)
+        ext_h, ext_w = lay.he - h, lay.we - w
+        if ext_h or ext_w:  # reflect (spec §3.1) as far as the real grid; phantom tiles weigh 0
+            if ext_h < h and ext_w < w:
+                xe = F.pad(x32, (0, ext_w, 0, ext_h), mode="reflect")
+            else:
+                xe = F.pad(x32, (0, grid.pad_w, 0, grid.pad_h), mode="reflect") if grid.pad_h or grid.pad_w else x32
+                xe = F.pad(xe, (0, lay.we - xe.shape[3], 0, lay.he - xe.shape[2]))
+        else:
+            xe = x32
+        if lay.r * lay.ni > grid.n_h or lay.r * lay.nj > grid.n_w:
+            # phantom tiles' constants stay 0 in a buffer zeroed once; the cast writes the real ones
+            params32 = zeroed_scratch((*params.shape[:3], lay.r * lay.ni, lay.r * lay.nj), torch.float32,
+                                      str(x32.device))
+            params32[..., :grid.n_h, :grid.n_w].copy_(params)
+        else:
+            params32 = params.float()
+        pv = tile_params_view(params32, lay).unbind(0)
+        change = _change(phase_view(xe, grid, lay), pv, shape)
+        weighted = fold_buffer(tuple(change.shape), change.dtype, change.device)
+        torch.mul(change, phase_weight(grid, triangular, str(x32.device)), out=weighted)
+        return fold_phases(weighted, grid, lay)
+    # ⌈T/S⌉ > 2: one tile phase at a time (tiles of one phase do not overlap)
+    params32 = params.float()
+    xp = F.pad(x32, (0, grid.pad_w, 0, grid.pad_h), mode="reflect") if grid.pad_h or grid.pad_w else x32
+    t, s = grid.tile, grid.stride
+    r = -(-t // s)
+    acc = torch.zeros_like(xp)
+    wt = window(t, triangular, str(x32.device))
+    w2 = wt[:, None, None] * wt[None, None, :]
+    sb, sc, sh, sw = xp.stride()
+    for pi in range(min(r, grid.n_h)):
+        for pj in range(min(r, grid.n_w)):
+            n_i, n_j = -(-(grid.n_h - pi) // r), -(-(grid.n_w - pj) // r)
+            size, strides = (b, c, n_i, t, n_j, t), (sb, sc, r * s * sh, sh, r * s * sw, sw)
+            off = pi * s * sh + pj * s * sw
+            view = xp.as_strided(size, strides, xp.storage_offset() + off)
+            phase = tuple(p[:, :, pi::r, pj::r][:, :, :, None, :, None] for p in params32.unbind(0))
+            acc.as_strided(size, strides, off).addcmul_(_change(view, phase, shape), w2)
+    return acc
+
+
+def _ema_confidence(state: AQClipState, now: torch.Tensor, beta: float, finite: torch.Tensor,
+                    ok: torch.Tensor) -> torch.Tensor:
+    """The `qsilk` EMA on the confidence map (spec §3.5) in a few ops: ``c = lerp(c_now, c_prev, w)``
+    with ``w = β`` for samples seen before, 0 for a sample's first finite update; non-finite samples
+    keep their previous value (the first update gives them c = 1)."""
+    if state.value is None:
+        c = torch.where(ok, now, 1.0)
+        state.seen = finite
+    else:
+        prev = state.value
+        weight = torch.where(state.seen.view(-1, 1, 1, 1), scalar(beta, prev.dtype, str(prev.device)),
+                             scalar(0.0, prev.dtype, str(prev.device)))
+        c = torch.where(ok, torch.lerp(now, prev, weight), prev)
+        state.seen = state.seen | finite
+    state.value, state.updates = c, state.updates + 1
+    return c
 
 
 def _start_evaluation(state: AQClipState | None, key: tuple, attn: bool) -> bool:
@@ -194,31 +408,3 @@ def _start_evaluation(state: AQClipState | None, key: tuple, attn: bool) -> bool
     elif attn and not state.has_attn:
         state.restart(key)  # the first Attn map restarts the EMA: Lite and Attn maps differ in meaning
     return state.has_attn and not attn
-
-
-def _bounds(x32, s1, mu, sigma, confidence, variant, grid, state, finite, rho, p_wide, p_narrow, beta):
-    """``(l, h, c)`` on the tile grid (float32, float32, float64) with the EMA of spec §3.5."""
-    ok = finite.view(-1, 1, 1, 1)
-    reuse = _start_evaluation(state, (variant, tuple(x32.shape), grid, str(x32.device)), confidence is not None)
-    if reuse:  # samples the state never saw finite get the widest (qsilk) / confident (paper) corridor
-        seen = state.seen.view(-1, 1, 1, 1)
-        c = torch.where(seen, state.last_confidence, torch.ones_like(state.last_confidence))
-    else:
-        c = torch.where(ok, _confidence(x32, confidence, variant, grid), 1.0)
-    if variant == "paper":
-        l, h = (v.float() for v in corridor_paper(mu, sigma, c))
-        if reuse:
-            l, h = (torch.where(seen, v, now) for v, now in zip(state.value, (l, h)))
-        elif state is not None:
-            l, h = _ema(state, (l, h), beta, finite)
-    else:
-        if state is not None and not reuse:
-            c = _ema(state, c, beta, finite)
-        n = x32.shape[2] * x32.shape[3]
-        sigma_s = ((x32 * x32).sum((2, 3)).double() / n - (s1 / n) ** 2).clamp_min(0).sqrt()
-        l, h = (v.float() for v in corridor_qsilk(mu, sigma, c, sigma_s[:, :, None, None], rho, p_wide, p_narrow))
-    if state is not None and not reuse:
-        state.has_attn |= confidence is not None
-        last = state.last_confidence
-        state.last_confidence = c if last is None else torch.where(ok, c, last)
-    return l, h, c

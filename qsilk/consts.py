@@ -1,0 +1,27 @@
+"""Device constants and scratch buffers made once and cached (issue #14): a per-call
+``torch.tensor(...)`` / ``zeros`` would be a host→device copy or a fill kernel on every evaluation."""
+from __future__ import annotations
+
+import threading
+from functools import lru_cache
+
+import torch
+
+
+@lru_cache(maxsize=64)
+def scalar(value: float, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """A 0-dim constant on the device, made once (read-only)."""
+    return torch.tensor(value, dtype=dtype).to(device)
+
+
+@lru_cache(maxsize=16)
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str, thread: int) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def zeroed_scratch(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
+    """A zero-filled buffer made once per shape, dtype, device and thread, for callers that write
+    only part of it and need the rest to stay 0 (the rest is never written). Its contents are
+    valid only until the same caller's next call in the same thread (the device stream orders
+    the reuse)."""
+    return _zeros(tuple(shape), dtype, device, threading.get_ident())
