@@ -9,7 +9,8 @@ CPU with the torch profiler — deterministically, without timing:
   them, leaving out those that never launch one — views and metadata ops (`view`, `as_strided`,
   `expand`, `slice`, …), allocations (`empty*`), a ``to`` / ``contiguous`` that returned its
   input (a leaf ``aten::to`` has no ``_to_copy`` under it) and Python numbers wrapped as CPU
-  scalars (``scalar_tensor``). `raw` also gives the issue's first count (every aten leaf that is
+  scalars (``scalar_tensor``); a reduction (``sum``, ``mean``, ``amax``, …) is one kernel, as on
+  CUDA, whatever helper ``fill_`` / ``copy_`` the CPU runs below it. `raw` also gives the issue's first count (every aten leaf that is
   not a view) for comparison. CPU is the proxy: an op that the CPU implements with a helper copy
   (a mixed-dtype op, ``sort``) counts its helpers too.
 - **syncs**: ops that make a CUDA host wait for the device: ``item`` / ``_local_scalar_dense``
@@ -76,6 +77,13 @@ NO_KERNEL = frozenset({
     # a Python number made a tensor for an op: a CPU "wrapped number", never a device kernel
     "aten::scalar_tensor",
 })
+#: Reductions: one kernel on CUDA (output initialisation and a dtype cast are fused into it); the
+#: CPU implementation's helper ``fill_`` / ``copy_`` below them are not counted separately.
+REDUCTIONS = frozenset({
+    "aten::sum", "aten::mean", "aten::amax", "aten::amin", "aten::prod", "aten::any", "aten::all",
+    "aten::count_nonzero", "aten::adaptive_avg_pool2d", "aten::_adaptive_avg_pool2d", "aten::max", "aten::min",
+    "aten::logsumexp",
+})
 #: Views counted as such in `raw` (the issue's first count: every leaf that is not a view).
 VIEWS = frozenset(NO_KERNEL - {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::to",
                                "aten::contiguous", "aten::type_as", "aten::set_", "aten::resize_"})
@@ -90,8 +98,20 @@ SYNC = frozenset({
 
 
 # -- counting -----------------------------------------------------------------------------------
+def _in_reduction(ev) -> bool:
+    p = ev.cpu_parent
+    while p is not None:
+        if p.name in REDUCTIONS:
+            return True
+        p = p.cpu_parent
+    return False
+
+
 def _launches_below(ev) -> bool:
-    """Whether an aten op below `ev` launches a kernel itself (then `ev` is not counted)."""
+    """Whether an aten op below `ev` launches a kernel itself (then `ev` is not counted);
+    a reduction counts as one kernel whatever runs below it."""
+    if ev.name in REDUCTIONS:
+        return False
     stack = list(ev.cpu_children)
     while stack:
         c = stack.pop()
@@ -148,7 +168,8 @@ def tally(events: Iterable, scopes: frozenset[str] | None = None, exclude: froze
                 syncs[name] += 1
         if name not in VIEWS and not _aten_below(ev):
             raw += 1
-        if name not in NO_KERNEL and name != "aten::_local_scalar_dense" and not _launches_below(ev):
+        if (name not in NO_KERNEL and name != "aten::_local_scalar_dense" and not _launches_below(ev)
+                and not _in_reduction(ev)):
             launches[name] += 1
     return {"launches": sum(launches.values()), "raw": raw, "syncs": sum(syncs.values()),
             "ops": dict(launches.most_common()), "sync_ops": dict(syncs)}

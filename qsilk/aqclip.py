@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from . import confidence as cf
 from .consts import scalar, zeroed_scratch
 from .limiter import check_shape_alpha
-from .tiles import (TileGrid, batched, blend_factor, fold_buffer, fold_phases, layout, phase_view, phase_weight,
-                    spread_tiles, tile_grid, tile_params_view, window)
+from .tiles import (TileGrid, batched, blend_factor, layout, phase_view, phase_weight, spread_tiles, tile_grid,
+                    tile_params_view, window)
 
 VARIANTS = ("qsilk", "paper")
 DEFAULT_SHAPE = {"qsilk": "soft", "paper": "tanh"}
@@ -32,12 +32,14 @@ class AQClipState:
     without a map reuses the state without updating it. `key` is ``(variant, shape, grid,
     device)``; a call with another key resets the state (counted in `shape_resets`): an EMA is
     never reused across shapes. `value` is the EMA (qsilk: confidence ``(B,1,n_h,n_w)``; paper:
-    the bounds ``(l, h)``, each ``(B,1,n_h,n_w)``), `seen` ``(B,)`` the samples it holds.
+    the bounds ``(l, h)``, each ``(B,1,n_h,n_w)``), `seen` ``(B,)`` the samples it holds (`paper`;
+    `qsilk` keeps the per-sample EMA weight ``(B,1,1,1)`` instead: β for a sample seen, 0 if not).
     """
     has_attn: bool = False
     key: tuple | None = None
     value: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None
     seen: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
     last_confidence: torch.Tensor | None = None
     updates: int = 0
     shape_resets: int = 0
@@ -45,7 +47,13 @@ class AQClipState:
     def restart(self, key: tuple | None = None) -> None:
         """Forget the EMA (keeps the counters)."""
         self.key, self.value, self.seen, self.last_confidence = key, None, None, None
+        self.weight = None
         self.has_attn = False
+
+    def seen_samples(self) -> torch.Tensor:
+        """``(B,)`` bool: the samples this EMA holds a finite update of (`qsilk` keeps this as the
+        EMA weight, β or 0; `paper` as `seen`)."""
+        return self.seen if self.seen is not None else ~torch.signbit(self.weight.flatten())
 
 
 def corridor_qsilk(mu, sigma, c, sigma_s, rho: float, p_wide: float, p_narrow: float):
@@ -155,7 +163,7 @@ def aqclip(x: torch.Tensor, confidence: torch.Tensor | None = None, *, tile: int
     out, finite, maps = aqclip_unmasked(
         x, confidence, tile=tile, stride=stride, shape=shape, alpha=alpha, variant=variant, p_wide=p_wide,
         p_narrow=p_narrow, strength=strength, state=state, sigma_floor=sigma_floor, ema_beta=ema_beta,
-        return_maps=return_maps)
+        return_maps=return_maps, out_dtype=x.dtype)
     out = torch.where(finite.view(-1, 1, 1, 1), out, x)
     return (out, maps) if return_maps else out
 
@@ -172,11 +180,13 @@ def aqclip_unmasked(x: torch.Tensor, confidence: torch.Tensor | None = None, *, 
                     stride: int = 16, shape: str | None = None, alpha: float = 2.0, variant: str = "qsilk",
                     p_wide: float = 0.0005, p_narrow: float = 0.01, strength: float = 1.0,
                     state: AQClipState | None = None, sigma_floor: float = 1.0, ema_beta: float = 0.8,
-                    finite: torch.Tensor | None = None, return_maps: bool = False):
+                    finite: torch.Tensor | None = None, return_maps: bool = False,
+                    out_dtype: torch.dtype | None = None):
     """`aqclip` without its pass-through of non-finite samples and without argument checks:
     ``(out, finite, maps | None)``; `out` is unspecified for samples where `finite` is False (the
     caller restores them; `Stabilizer` does so once, after every component). `finite` ``(B,)`` may
-    be given (from `clamp.clamp_unmasked` on the same values), else it is computed.
+    be given (from `clamp.clamp_unmasked` on the same values), else it is computed. `out` is
+    float32, or `out_dtype` (written by the last op directly: no separate cast).
 
     The lean path of issue #14, a fixed number of batched ops whatever the latent size:
 
@@ -198,32 +208,39 @@ def aqclip_unmasked(x: torch.Tensor, confidence: torch.Tensor | None = None, *, 
     dev = str(x.device)
     x32 = x.float()
     x64 = x32.double()
-    var_s, mean = torch.var_mean(x64, (2, 3), unbiased=False, keepdim=True)  # (B, C, 1, 1)
-    if finite is None:  # a float64 sum of float32 values is non-finite iff one is NaN/±Inf
+    mean = F.adaptive_avg_pool2d(x64, 1)  # (B, C, 1, 1); NaN/±Inf iff the channel holds one
+    if finite is None:
         total = mean.sum((1, 2, 3))
         finite = torch.sub(total, total) == 0
     d = x64 - mean
+    # + 1e-60: every variance below is > 0, so σ_eff > 0 (ρ > 0) and the soft limiter's (1−k)δ is
+    # a safe divisor without a clamp; far below float64 resolution of any real variance
+    d2 = torch.addcmul(scalar(TINY * TINY, torch.float64, dev), d, d)
+    var_s = F.adaptive_avg_pool2d(d2, 1)  # two-pass sample variance
     reuse = _start_evaluation(state, (variant, tuple(x.shape), grid, dev), confidence is not None)
-    pieces = [d, d * d]
+    pieces = [d, d2]
     lite_eps = None
     if not reuse:
-        if confidence is None:
-            src, scale = cf.lite_source(x32, variant)
+        if confidence is None:  # computed in float64: no conversion before pooling
+            src, scale = cf.lite_source(x64, variant)
             lite_eps = 1e-12 / scale  # τ's 1e-12 on lite_map's scale (the normalisation is scale-free)
         else:
-            src = cf.resize_map(confidence.to(x.device), (h, w), b)
-        pieces.append(src.double())
+            src = cf.resize_map(confidence.to(x.device), (h, w), b).double()
+        pieces.append(src)
     moments = torch.cat(pieces, 1)
     if grid.pad_h or grid.pad_w:
         moments = F.pad(moments, (0, grid.pad_w, 0, grid.pad_h), mode="reflect")
-    pooled = F.avg_pool2d(moments, grid.tile, grid.stride)  # (B, 2C[+1], n_h, n_w) float64
+    g = math.gcd(grid.tile, grid.stride)
+    if g > 1:  # g×g block means first (each value read once), then tiles of (T/g)² blocks
+        moments = F.avg_pool2d(moments, g, g)
+    pooled = F.avg_pool2d(moments, grid.tile // g, grid.stride // g)  # (B, 2C[+1], n_h, n_w) float64
     tm, te = pooled[:, :c], pooled[:, c:2 * c]
     var = torch.addcmul(te, tm, tm, value=-(1.0 + KAPPA * grid.tile * grid.tile))
     ok = finite.view(-1, 1, 1, 1)
 
     # -- confidence on the tile grid (B, 1, n_h, n_w), with the EMA of spec §3.5 ------------------
     if reuse:  # samples the state never saw finite get the widest (qsilk) / confident (paper) corridor
-        seen = state.seen.view(-1, 1, 1, 1)
+        seen = state.seen_samples().view(-1, 1, 1, 1)
         conf = torch.where(seen, state.last_confidence, 1.0)
     else:
         a = pooled[:, 2 * c:]
@@ -244,14 +261,17 @@ def aqclip_unmasked(x: torch.Tensor, confidence: torch.Tensor | None = None, *, 
         elif state is not None:
             lo, hi = _ema(state, (lo, hi), ema_beta, finite)
         m, half = (lo + hi) * 0.5, (hi - lo) * 0.5
-        params = _params(m, half, None, shape, alpha)
+        params = _params_buffer(shape, m.shape, grid, (h, w), x.device)
+        _params(m, half, None, shape, alpha, params[..., :grid.n_h, :grid.n_w])
     else:
         if state is not None and not reuse:
             conf = _ema_confidence(state, conf, ema_beta, finite, ok)
         rho = float(sigma_floor)
         floor = var_s if rho == 1.0 else (var_s * (rho * rho) if rho > 0 else 0.0)
         sigma_eff = torch.clamp(var, min=floor).sqrt_() if rho > 0 else var.clamp_min_(0.0).sqrt_()
-        params = _params(mean + tm, sigma_eff, conf, shape, alpha, p_wide=p_wide, p_narrow=p_narrow)
+        params = _params_buffer(shape, tm.shape, grid, (h, w), x.device)
+        _params(mean + tm, sigma_eff, conf, shape, alpha, params[..., :grid.n_h, :grid.n_w],
+                p_wide=p_wide, p_narrow=p_narrow, positive=rho > 0)
     if state is not None and not reuse:
         state.has_attn |= confidence is not None
         if variant == "paper":
@@ -262,7 +282,8 @@ def aqclip_unmasked(x: torch.Tensor, confidence: torch.Tensor | None = None, *, 
 
     acc = _overlap_add(x32, params, grid, shape, variant == "qsilk")
     factor = blend_factor(grid, variant == "qsilk", float(strength), (h, w), dev)
-    out = torch.addcmul(x32, acc[..., :h, :w], factor).to(x.dtype)
+    out = torch.addcmul(x32, acc[..., :h, :w], factor,
+                        out=torch.empty(x.shape, dtype=out_dtype or torch.float32, device=x.device))
     if not return_maps:
         return out, finite, None
     zero = torch.zeros((), device=x.device)
@@ -274,60 +295,85 @@ def aqclip_unmasked(x: torch.Tensor, confidence: torch.Tensor | None = None, *, 
 @lru_cache(maxsize=64)
 def _corridor_coefs(shape: str, alpha: float, p_wide: float, p_narrow: float, dtype: torch.dtype, device: str):
     """Cached per-row constants of `_params` for the `qsilk` corridor (rows of the limiter's
-    per-tile constants): ``(A, B, base_mask, min)`` with ``rows = base_mask·μ + (A + B·c)·σ_eff``."""
+    per-tile constants): ``(A, B)`` with ``rows = μ ± (A + B·c)·σ_eff`` (soft's third row
+    ``(A + B·c)·σ_eff``)."""
     z_n, z_w = -NormalDist().inv_cdf(p_narrow), -NormalDist().inv_cdf(p_wide)
     if shape == "hard":      # l, h
-        coef, mask, mins = (-1.0, 1.0), (1.0, 1.0), None
+        coef = (-1.0, 1.0)
     else:                    # soft: m − kδ, m + kδ, (1−k)δ
         k, k1 = alpha / (1.0 + alpha), 1.0 / (1.0 + alpha)
-        coef, mask, mins = (-k, k, k1), (1.0, 1.0, 0.0), (-math.inf, -math.inf, TINY)
+        coef = (-k, k, k1)
     col = lambda v: torch.tensor(v, dtype=dtype).view(-1, 1, 1, 1, 1).to(device)  # noqa: E731
-    return (col([v * z_n for v in coef]), col([v * (z_w - z_n) for v in coef]),
-            None if mins is None else col(mask), None if mins is None else col(mins))
+    return col([v * z_n for v in coef]), col([v * (z_w - z_n) for v in coef])
 
 
-def _params(m: torch.Tensor, scale: torch.Tensor, conf: torch.Tensor | None, shape: str, alpha: float, *,
-            p_wide: float = 0.0005, p_narrow: float = 0.01) -> torch.Tensor:
-    """The limiter's per-tile constants as one float64 tensor ``(rows, B, C|1, n_h, n_w)``.
+def _params(m: torch.Tensor, scale: torch.Tensor, conf: torch.Tensor | None, shape: str, alpha: float,
+            out: torch.Tensor, *, p_wide: float = 0.0005, p_narrow: float = 0.01, positive: bool = False
+            ) -> torch.Tensor:
+    """The limiter's per-tile constants, written (as float32) into `out` ``(rows, B, C|1, n_h, n_w)``.
 
     With `conf` (`qsilk`): the corridor is ``μ ± z·σ_eff``, ``z = z_n + (z_w − z_n)·c`` (spec §3.4):
     `m` = μ, `scale` = σ_eff. Without: `m`, `scale` are the corridor's centre and half-width δ.
     Rows — hard: ``(l, h)``; soft: ``(m − kδ, m + kδ, (1−k)δ)`` (the last ≥ 1e-30); tanh:
     ``(m, α/δ, δ)``. A degenerate corridor (δ → 0) then clamps, as spec §1 asks, to within δ.
+    `positive`: `scale` is known to be > 0 (no floor needed for the soft divisor).
     """
     if conf is not None and shape in ("hard", "soft"):
-        a_, b_, mask, mins = _corridor_coefs(shape, float(alpha), float(p_wide), float(p_narrow), m.dtype,
-                                             str(m.device))
-        zc = torch.addcmul(a_, b_, conf.unsqueeze(0))
-        rows = torch.addcmul(m.unsqueeze(0) if mask is None else m.unsqueeze(0) * mask, zc, scale.unsqueeze(0))
-        return rows if mins is None else torch.clamp(rows, min=mins)
+        a_, b_ = _corridor_coefs(shape, float(alpha), float(p_wide), float(p_narrow), m.dtype, str(m.device))
+        zc = torch.addcmul(a_, b_, conf.unsqueeze(0))  # (rows, B, 1, n_h, n_w): the rows' multiples of σ_eff
+        torch.addcmul(m, zc[:2], scale, out=out[:2])
+        if shape == "soft" and positive:  # σ_eff > 0 already (see `aqclip_unmasked`)
+            torch.mul(zc[2], scale, out=out[2])
+        elif shape == "soft":
+            torch.clamp(torch.mul(zc[2], scale), min=scalar(TINY, m.dtype, str(m.device)), out=out[2])
+        return out
     if conf is not None:
         z_n, z_w = -NormalDist().inv_cdf(p_narrow), -NormalDist().inv_cdf(p_wide)
         scale = (z_n + (z_w - z_n) * conf) * scale
     if shape == "hard":
-        return torch.stack((m - scale, m + scale))
-    if shape == "soft":
+        rows = (m - scale, m + scale)
+    elif shape == "soft":
         k, k1 = alpha / (1.0 + alpha), 1.0 / (1.0 + alpha)
-        return torch.stack((m - k * scale, m + k * scale, (k1 * scale).clamp_min(TINY)))
-    m = m.expand_as(scale) if m.shape != scale.shape else m
-    return torch.stack((m, alpha / scale.clamp_min(TINY), scale))
+        rows = (m - k * scale, m + k * scale, (k1 * scale).clamp_min(TINY))
+    else:
+        rows = (m.expand_as(scale), alpha / scale.clamp_min(TINY), scale)
+    for dst, row in zip(out, rows):
+        dst.copy_(row)
+    return out
+
+
+def _params_buffer(shape: str, grid_shape: tuple[int, ...], grid: TileGrid, hw: tuple[int, int],
+                   device: torch.device) -> torch.Tensor:
+    """Where `_params` writes (its ``[..., :n_h, :n_w]`` corner): ``(rows, B, C|1, ·, ·)`` float32 —
+    for the batched path a buffer zeroed once over the ``r·ni × r·nj`` grid (phantom tiles stay 0)."""
+    rows = 2 if shape == "hard" else 3
+    b, c = grid_shape[0], grid_shape[1]
+    if batched(grid):
+        lay = layout(grid, hw)
+        buf = zeroed_scratch((rows, b, c, lay.r * lay.ni, lay.r * lay.nj), torch.float32, str(device),
+                             (grid.n_h, grid.n_w))
+        return buf
+    return torch.empty((rows, b, c, grid.n_h, grid.n_w), dtype=torch.float32, device=device)
 
 
 def _change(v: torch.Tensor, p: tuple[torch.Tensor, ...], shape: str) -> torch.Tensor:
     """The limiter's change ``x − L(x)`` of float32 values `v` given `_params` rows `p`
     (broadcastable): exactly ±0 wherever the shape keeps the value (hard: inside ``[l, h]``;
     soft: inside the knee ``[m − kδ, m + kδ]``). A new tensor."""
+    # the first op writes a contiguous tensor (a view of overlapping tiles gives its output an
+    # odd layout otherwise, which slows every later op)
+    first = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if shape == "hard":
-        t = torch.clamp(v, p[0], p[1])
+        t = torch.clamp(v, p[0], p[1], out=first)
         return torch.sub(v, t, out=t)
     if shape == "soft":
         # s = v − clamp(v, m − kδ, m + kδ) is the signed excess over the knee (0 inside it); the
         # change is s − (1−k)δ·tanh(s/((1−k)δ)) (tanh is odd: the sign comes with s)
-        s = torch.clamp(v, p[0], p[1])
+        s = torch.clamp(v, p[0], p[1], out=first)
         s = torch.sub(v, s, out=s)
         t = torch.div(s, p[2]).tanh_()
         return torch.addcmul(s, t, p[2], value=-1.0, out=t)
-    u = v - p[0]                                  # tanh: u − δ·tanh(α·u/δ)
+    u = torch.sub(v, p[0], out=first)             # tanh: u − δ·tanh(α·u/δ)
     t = torch.mul(u, p[1]).tanh_()
     return torch.addcmul(u, t, p[2], value=-1.0, out=t)
 
@@ -338,7 +384,7 @@ def _overlap_add(x32: torch.Tensor, params: torch.Tensor, grid: TileGrid, shape:
     An unchanged value contributes exactly ±0 (the sum starts at +0)."""
     b, c, h, w = x32.shape
     if batched(grid):
-        lay = layout(grid)
+        lay = layout(grid, (h, w))
         ext_h, ext_w = lay.he - h, lay.we - w
         if ext_h or ext_w:  # reflect (spec §3.1) as far as the real grid; phantom tiles weigh 0
             if ext_h < h and ext_w < w:
@@ -348,20 +394,23 @@ def _overlap_add(x32: torch.Tensor, params: torch.Tensor, grid: TileGrid, shape:
                 xe = F.pad(xe, (0, lay.we - xe.shape[3], 0, lay.he - xe.shape[2]))
         else:
             xe = x32
-        if lay.r * lay.ni > grid.n_h or lay.r * lay.nj > grid.n_w:
-            # phantom tiles' constants stay 0 in a buffer zeroed once; the cast writes the real ones
-            params32 = zeroed_scratch((*params.shape[:3], lay.r * lay.ni, lay.r * lay.nj), torch.float32,
-                                      str(x32.device))
-            params32[..., :grid.n_h, :grid.n_w].copy_(params)
-        else:
-            params32 = params.float()
+        params32 = params  # the whole buffer: phantom tiles' constants are 0
         pv = tile_params_view(params32, lay).unbind(0)
-        change = _change(phase_view(xe, grid, lay), pv, shape)
-        weighted = fold_buffer(tuple(change.shape), change.dtype, change.device)
-        torch.mul(change, phase_weight(grid, triangular, str(x32.device)), out=weighted)
-        return fold_phases(weighted, grid, lay)
+        change = _change(phase_view(xe, grid, lay), pv, shape)  # (B, C, r, ni, T, r, nj, T)
+        # overlap-add: one weighted add per phase into its (non-overlapping) tiles' places; where
+        # phase (0, 0) covers the whole latent its product initialises the sum (no zero fill)
+        weight = phase_weight(grid, triangular, str(x32.device), (h, w))
+        acc = torch.empty_like(xe) if lay.first_covers else torch.zeros_like(xe)
+        for pi in range(lay.r):
+            for pj in range(lay.r):
+                place = phase_view(acc, grid, lay)[:, :, pi, :, :, pj]
+                if pi == pj == 0 and lay.first_covers:
+                    torch.mul(change[:, :, 0, :, :, 0], weight[:, :, 0, :, :, 0], out=place)
+                else:
+                    place.addcmul_(change[:, :, pi, :, :, pj], weight[:, :, pi, :, :, pj])
+        return acc
     # ⌈T/S⌉ > 2: one tile phase at a time (tiles of one phase do not overlap)
-    params32 = params.float()
+    params32 = params
     xp = F.pad(x32, (0, grid.pad_w, 0, grid.pad_h), mode="reflect") if grid.pad_h or grid.pad_w else x32
     t, s = grid.tile, grid.stride
     r = -(-t // s)
@@ -382,18 +431,17 @@ def _overlap_add(x32: torch.Tensor, params: torch.Tensor, grid: TileGrid, shape:
 
 def _ema_confidence(state: AQClipState, now: torch.Tensor, beta: float, finite: torch.Tensor,
                     ok: torch.Tensor) -> torch.Tensor:
-    """The `qsilk` EMA on the confidence map (spec §3.5) in a few ops: ``c = lerp(c_now, c_prev, w)``
-    with ``w = β`` for samples seen before, 0 for a sample's first finite update; non-finite samples
-    keep their previous value (the first update gives them c = 1)."""
+    """The `qsilk` EMA on the confidence map (spec §3.5) in three ops: ``c = lerp(c_now, c_prev, w)``
+    with ``w = β`` for samples seen before, −0.0 for a sample's first finite update (kept as the
+    state's ``(B,1,1,1)`` weight; the sign bit tells unseen samples apart also at β = 0);
+    non-finite samples keep their previous value (the first update gives them c = 1)."""
+    dt, dev = now.dtype, str(now.device)
     if state.value is None:
         c = torch.where(ok, now, 1.0)
-        state.seen = finite
+        state.weight = torch.where(ok, scalar(beta, dt, dev), scalar(-0.0, dt, dev))
     else:
-        prev = state.value
-        weight = torch.where(state.seen.view(-1, 1, 1, 1), scalar(beta, prev.dtype, str(prev.device)),
-                             scalar(0.0, prev.dtype, str(prev.device)))
-        c = torch.where(ok, torch.lerp(now, prev, weight), prev)
-        state.seen = state.seen | finite
+        c = torch.where(ok, torch.lerp(now, state.value, state.weight), state.value)
+        state.weight = torch.where(ok, scalar(beta, dt, dev), state.weight)
     state.value, state.updates = c, state.updates + 1
     return c
 

@@ -140,22 +140,29 @@ def micro_clamp(x: torch.Tensor, q_lo: float = 0.001, q_hi: float = 0.999, shape
     check_shape_alpha(shape, alpha)
     if not x.is_floating_point() or x.dim() < (3 if per_channel else 2) or x.numel() == 0:
         raise ValueError(f"x must be a non-empty floating (B, C, …) tensor (got {tuple(x.shape)}, {x.dtype})")
-    out, finite = clamp_unmasked(x, q_lo, q_hi, shape, alpha, per_channel)
+    out, finite = clamp_unmasked(x, q_lo, q_hi, shape, alpha, per_channel, out_dtype=x.dtype)
     return torch.where(finite.view(-1, *([1] * (x.dim() - 1))), out, x)
 
 
 def clamp_unmasked(x: torch.Tensor, q_lo: float, q_hi: float, shape: str, alpha: float,
-                   per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   per_channel: bool, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`micro_clamp` without its pass-through of non-finite samples: ``(out, finite)``, `finite`
     ``(B,)`` True where sample b holds only finite values; `out` is unspecified where it is False
     (the caller passes those samples through — `Stabilizer` once, after every component).
+    `out` is float32, or `out_dtype` (the hard clamp writes it directly: no separate cast).
     Arguments as `micro_clamp` (not checked here). Hard: 2 topk, 2 lerp, 2 small ops and one clamp."""
     b = x.shape[0]
     rows = x.reshape(b * x.shape[1], -1) if per_channel else x.reshape(b, -1)
-    l, h, finite = _tails(rows.float(), q_lo, q_hi)
+    rows = rows.float()
+    l, h, finite = _tails(rows, q_lo, q_hi)
     if per_channel:
         finite = finite.view(b, -1).all(1)
     l, h = l.unsqueeze(1), h.unsqueeze(1)
     # NaN bounds of a non-finite sample give NaN here: the caller restores the sample.
-    out = limit(rows, l, h) if shape == "hard" else limit(rows, l, h, shape, alpha)
+    if shape == "hard":
+        out = torch.clamp(rows, l, h, out=torch.empty(rows.shape, dtype=out_dtype or torch.float32,
+                                                       device=rows.device))
+    else:
+        out = limit(rows, l, h, shape, alpha)
+        out = out if out_dtype is None else out.to(out_dtype)
     return out.reshape(x.shape), finite

@@ -27,18 +27,22 @@ def lite_source(x: torch.Tensor, variant: str = "qsilk") -> tuple[torch.Tensor, 
     Math: Sobel-x = B₂∘D_x and Sobel-y = B₂∘D_y with B₂ the 2×2 box sum, ``D_x = e + f``,
     ``D_y = e − f``, ``e = p[y+1,x+1] − p[y,x]``, ``f = p[y,x+1] − p[y+1,x]`` on the replicate-padded
     sample p; B₂ is linear, so ``gx² + gy² = 2·((B₂e)² + (B₂f)²)``, and ``B₂e``, ``B₂f`` are
-    differences of the 2×2 box average q of p (one ``avg_pool2d``): ``4·(q[i+1,j+1] − q[i,j])``,
-    ``4·(q[i,j+1] − q[i+1,j])``. So ``g = 4·√(2/C)·‖hypot(E, F)‖_C``. Every op works per output
+    differences of the 2×2 box sums Q of p (two slice additions): ``E = Q[i+1,j+1] − Q[i,j]``,
+    ``F = Q[i,j+1] − Q[i+1,j]``. So ``g = √(2/C)·√(Σ_c E² + F²)``. Every op works per output
     pixel of one sample (no convolution whose algorithm could depend on the batch).
-    Args: x: ``(B, C, H, W)`` float32. Returns: ``(B, 1, H, W)`` float32 and the Python scale.
+    Args: x: ``(B, C, H, W)`` float32 or float64. Returns: ``(B, 1, H, W)`` in x's dtype and the
+    Python scale.
     """
     if variant == "paper":
         x = x.mean(1, keepdim=True)
-    q = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 2, 1)   # (B, C, H+1, W+1)
+    p = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    h = p[..., 1:] + p[..., :-1]
+    q = h[..., 1:, :] + h[..., :-1, :]                                # 2×2 box sums, (B, C, H+1, W+1)
     e = q[..., 1:, 1:] - q[..., :-1, :-1]
     f = q[..., :-1, 1:] - q[..., 1:, :-1]
-    g = torch.linalg.vector_norm(torch.hypot(e, f), dim=1, keepdim=True)
-    return g, 4.0 * math.sqrt(2.0 / x.shape[1])
+    # Σ_c (e² + f²) by a plain channel sum (a norm reduction over channels is ~80× slower on CPU)
+    g = torch.addcmul(e * e, f, f).sum(1, keepdim=True).sqrt_()
+    return g, math.sqrt(2.0 / x.shape[1])
 
 
 def lite_map(x: torch.Tensor, variant: str = "qsilk") -> torch.Tensor:

@@ -15,13 +15,13 @@ def scalar(value: float, dtype: torch.dtype, device: str) -> torch.Tensor:
 
 
 @lru_cache(maxsize=16)
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str, thread: int) -> torch.Tensor:
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str, written: tuple, thread: int) -> torch.Tensor:
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
-def zeroed_scratch(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
-    """A zero-filled buffer made once per shape, dtype, device and thread, for callers that write
-    only part of it and need the rest to stay 0 (the rest is never written). Its contents are
-    valid only until the same caller's next call in the same thread (the device stream orders
-    the reuse)."""
-    return _zeros(tuple(shape), dtype, device, threading.get_ident())
+def zeroed_scratch(shape: tuple[int, ...], dtype: torch.dtype, device: str, written: tuple) -> torch.Tensor:
+    """A zero-filled buffer made once per shape, dtype, device, thread and `written` — the part
+    of it callers write (e.g. the extent of a slice): what lies outside that part stays 0 for
+    good. Its contents are valid only until the same caller's next call in the same thread (the
+    device stream orders the reuse)."""
+    return _zeros(tuple(shape), dtype, device, tuple(written), threading.get_ident())

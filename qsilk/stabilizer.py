@@ -323,14 +323,18 @@ class Stabilizer:
             ps.ran_last_eval = {"qsilk": run_qs, "aqclip": run_aq}
         if not (run_qs or run_aq):
             return x
-        out, finite = x, None
+        # float32 throughout (one conversion for half inputs); the last component writes x's dtype
+        x32 = x.float()
+        out, finite = x32, None
+        aq_last = run_aq and nmask is None
         if run_qs:
             if self.corridor is not None and per_step and sigma is not None:
                 clamped = self.corridor(out, sigma, shape=s.qsilk_shape, alpha=s.qsilk_alpha,
                                         per_channel=s.qsilk_per_channel)
             else:  # non-finite samples are restored once, below
+                qs_last = not run_aq and nmask is None and s.qsilk_strength >= 1.0
                 clamped, finite = clamp_unmasked(out, s.q_lo, s.q_hi, s.qsilk_shape, s.qsilk_alpha,
-                                                 s.qsilk_per_channel)
+                                                 s.qsilk_per_channel, out_dtype=x.dtype if qs_last else None)
             out = _blend(out, clamped, s.qsilk_strength, nmask)
         if run_aq:
             use_attn = per_step and s.aqclip_mode == "attn" and probe_map is not None
@@ -345,11 +349,15 @@ class Stabilizer:
                 shape=s.aqclip_shape, alpha=s.aqclip_alpha, variant=s.aqclip_variant,
                 p_wide=s.p_wide, p_narrow=s.p_narrow, strength=s.aqclip_strength if nmask is None else 1.0,
                 state=ps.aq_state if per_step else None, sigma_floor=s.sigma_floor,
-                ema_beta=beta, finite=finite, return_maps=s.show_maps,
+                ema_beta=beta, finite=finite, return_maps=s.show_maps, out_dtype=x.dtype if aq_last else None,
             )
             if s.show_maps:
                 self.last_maps = maps
             out = result if nmask is None else _blend(out, result, s.aqclip_strength, nmask)
+        if out is x32:
+            out = x  # nothing changed the latent (strength 0)
+        elif out.dtype != x.dtype:
+            out = out.to(x.dtype)
         if finite is None:  # only the Q-Sched corridor ran: it passes non-finite samples through itself
             finite = _finite_rows(x)
         elif out is not x:

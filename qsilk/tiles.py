@@ -1,6 +1,6 @@
 """Tiles of AQClip (spec §3.1, §3.6): geometry with reflect padding, windows and coverage, and the
-layout that limits every tile phase in one strided view and overlap-adds them with one `F.fold`
-(tile statistics are one ``avg_pool2d`` in `qsilk.aqclip`).
+layout that limits every tile phase in one strided view (tile statistics are ``avg_pool2d`` in
+`qsilk.aqclip`).
 """
 from __future__ import annotations
 
@@ -93,18 +93,23 @@ class Layout(NamedTuple):
     nj: int
     he: int
     we: int
+    first_covers: bool  # phase (0, 0)'s tiles cover the whole latent (they abut: S divides T)
 
 
-def layout(grid: TileGrid) -> Layout:
-    """`Layout` of a grid (see there).
+def layout(grid: TileGrid, hw: tuple[int, int] | None = None) -> Layout:
+    """`Layout` of a grid (see there). When S divides T the tiles of one phase abut, and with
+    `hw` (the latent's size) every phase gets enough (phantom) tiles for phase (0, 0) to cover it.
 
-    >>> layout(tile_grid(128, 128, 32, 16))
-    Layout(r=2, ni=4, nj=4, he=144, we=144)
+    >>> layout(tile_grid(128, 128, 32, 16), (128, 128))
+    Layout(r=2, ni=4, nj=4, he=144, we=144, first_covers=True)
     """
     t, s = grid.tile, grid.stride
     r = -(-t // s)
     ni, nj = -(-grid.n_h // r), -(-grid.n_w // r)
-    return Layout(r, ni, nj, (r * ni - 1) * s + t, (r * nj - 1) * s + t)
+    covers = False
+    if hw is not None and t == r * s:
+        ni, nj, covers = max(ni, -(-hw[0] // t)), max(nj, -(-hw[1] // t)), True
+    return Layout(r, ni, nj, (r * ni - 1) * s + t, (r * nj - 1) * s + t, covers)
 
 
 def batched(grid: TileGrid) -> bool:
@@ -134,10 +139,11 @@ def tile_params_view(p: torch.Tensor, lay: Layout) -> torch.Tensor:
 
 
 @lru_cache(maxsize=32)
-def phase_weight(grid: TileGrid, triangular: bool, device: str = "cpu") -> torch.Tensor:
+def phase_weight(grid: TileGrid, triangular: bool, device: str = "cpu", hw: tuple[int, int] | None = None
+                 ) -> torch.Tensor:
     """``(1, 1, r, ni, T, r, nj, T)`` float32: the window ``w(u)·w(v)`` of each tile, 0 for
-    phantom tiles. Cached per grid and device (read-only)."""
-    lay = layout(grid)
+    phantom tiles (`layout` of `grid` and `hw`). Cached per grid and device (read-only)."""
+    lay = layout(grid, hw)
     t = grid.tile
     w = window(t, triangular)
     real_i = (torch.arange(lay.r)[:, None] + lay.r * torch.arange(lay.ni)[None, :] < grid.n_h).float()
@@ -145,22 +151,6 @@ def phase_weight(grid: TileGrid, triangular: bool, device: str = "cpu") -> torch
     wi = real_i[:, :, None] * w[None, None, :]          # (r, ni, T)
     wj = real_j[:, :, None] * w[None, None, :]
     return (wi[:, :, :, None, None, None] * wj[None, None, None]).unsqueeze(0).unsqueeze(0).to(device)
-
-
-def fold_phases(weighted: torch.Tensor, grid: TileGrid, lay: Layout) -> torch.Tensor:
-    """Overlap-add of ``(B, C, r, ni, T, r, nj, T)`` per-tile values laid out by `fold_buffer`:
-    ``(B, C, he, we)``."""
-    b, c = weighted.shape[:2]
-    t = grid.tile
-    buf = weighted.permute(0, 1, 4, 7, 3, 2, 6, 5)  # (B, C, T, T, ni, r, nj, r): fold's layout
-    return F.fold(buf.reshape(b, c * t * t, -1), (lay.he, lay.we), t, stride=grid.stride)
-
-
-def fold_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised ``(B, C, r, ni, T, r, nj, T)`` view whose memory is in `F.fold`'s order
-    (``(B, C·T·T, L)``), so an op writing into it with ``out=`` needs no copy for `fold_phases`."""
-    b, c, r, ni, t, _, nj, _ = shape
-    return torch.empty((b, c, t, t, ni, r, nj, r), dtype=dtype, device=device).permute(0, 1, 5, 4, 2, 7, 6, 3)
 
 
 @lru_cache(maxsize=32)

@@ -26,11 +26,12 @@ class Recorder:
     def __init__(self):
         self.calls: list[tuple[str, torch.Tensor, dict]] = []
 
-    def clamp_unmasked(self, x, q_lo=0.001, q_hi=0.999, shape="hard", alpha=2.0, per_channel=False):
+    def clamp_unmasked(self, x, q_lo=0.001, q_hi=0.999, shape="hard", alpha=2.0, per_channel=False,
+                       out_dtype=None):
         self.calls.append(("qsilk", x, dict(q_lo=q_lo, q_hi=q_hi, shape=shape)))
         return x.clamp(-1.0, 1.0), torch.ones(x.shape[0], dtype=torch.bool)
 
-    def aqclip_unmasked(self, x, confidence=None, finite=None, return_maps=False, **kw):
+    def aqclip_unmasked(self, x, confidence=None, finite=None, return_maps=False, out_dtype=None, **kw):
         self.calls.append(("aqclip", x, dict(confidence=confidence, **kw)))
         return x * 0.5, torch.ones(x.shape[0], dtype=torch.bool), None
 
