@@ -190,17 +190,17 @@ def aqclip_unmasked(x: torch.Tensor, confidence: torch.Tensor | None = None, *, 
 
     The lean path of issue #14, a fixed number of batched ops whatever the latent size:
 
-    - statistics: one float64 copy, per-channel ``var_mean``, ``d = x − mean_c``, one ``avg_pool2d``
-      over ``[d, d², source]`` (all channels and the confidence source at once) gives each tile's
-      ``μ_d``, ``E[d²]`` and pooled source; ``σ² = E[d²] − (1+κ)·μ_d²`` (two-pass around the
-      channel mean; κ makes a constant tile's σ exactly 0);
+    - statistics: one float64 copy, per-channel means, ``d = x − mean_c`` and ``d²`` written into one
+      buffer with the confidence source, pooled together (``g×g`` blocks, then tiles; all channels
+      at once) into each tile's ``μ_d``, ``E[d²]`` and pooled source; ``σ² = E[d²] − (1+κ)·μ_d²``
+      (two-pass around the channel mean; κ makes a constant tile's σ exactly 0);
     - confidence: `confidence.lite_source` (six ops) or the given map, `normalise_tiles` (exact
       percentiles by one ``topk``), the EMA as one ``lerp`` and one ``where``;
     - corridor: the limiter's per-tile constants as one tensor, in a few small ops;
     - limiter and overlap-add: all ⌈T/S⌉² tile phases as one strided view of the padded latent
-      (`tiles.phase_view`), the limiter's change in 3–5 element-wise ops, weighted straight into
-      `F.fold`'s layout and folded (when ``⌈T/S⌉² ≤ 4``; temporaries ≤ 4× the padded latent);
-      larger ratios loop over the phases (memory O(C·H·W)).
+      (`tiles.phase_view`), the limiter's change in 2–5 element-wise ops on all of them at once,
+      then one weighted add per phase into the sum (when ``⌈T/S⌉² ≤ 4``: temporaries ≤ 4× the
+      padded latent); larger ratios loop over the phases (memory O(C·H·W)).
     """
     shape = DEFAULT_SHAPE[variant] if shape is None else shape
     b, c, h, w = x.shape
@@ -212,22 +212,21 @@ def aqclip_unmasked(x: torch.Tensor, confidence: torch.Tensor | None = None, *, 
     if finite is None:
         total = mean.sum((1, 2, 3))
         finite = torch.sub(total, total) == 0
-    d = x64 - mean
+    reuse = _start_evaluation(state, (variant, tuple(x.shape), grid, dev), confidence is not None)
+    # [d, d², source] written straight into one buffer (no concatenation), pooled together below
+    moments = torch.empty((b, 2 * c + (0 if reuse else 1), h, w), dtype=torch.float64, device=x.device)
+    d = torch.sub(x64, mean, out=moments[:, :c])
     # + 1e-60: every variance below is > 0, so σ_eff > 0 (ρ > 0) and the soft limiter's (1−k)δ is
     # a safe divisor without a clamp; far below float64 resolution of any real variance
-    d2 = torch.addcmul(scalar(TINY * TINY, torch.float64, dev), d, d)
+    d2 = torch.addcmul(scalar(TINY * TINY, torch.float64, dev), d, d, out=moments[:, c:2 * c])
     var_s = F.adaptive_avg_pool2d(d2, 1)  # two-pass sample variance
-    reuse = _start_evaluation(state, (variant, tuple(x.shape), grid, dev), confidence is not None)
-    pieces = [d, d2]
     lite_eps = None
     if not reuse:
-        if confidence is None:  # computed in float64: no conversion before pooling
-            src, scale = cf.lite_source(x64, variant)
+        if confidence is None:  # computed in float64 (no conversion), into the buffer
+            _, scale = cf.lite_source(x64, variant, out=moments[:, 2 * c:])
             lite_eps = 1e-12 / scale  # τ's 1e-12 on lite_map's scale (the normalisation is scale-free)
         else:
-            src = cf.resize_map(confidence.to(x.device), (h, w), b).double()
-        pieces.append(src)
-    moments = torch.cat(pieces, 1)
+            moments[:, 2 * c:].copy_(cf.resize_map(confidence.to(x.device), (h, w), b))
     if grid.pad_h or grid.pad_w:
         moments = F.pad(moments, (0, grid.pad_w, 0, grid.pad_h), mode="reflect")
     g = math.gcd(grid.tile, grid.stride)

@@ -21,7 +21,8 @@ ATTN_TAU = 0.05
 PERCENTILES = (0.02, 0.5, 0.98)
 
 
-def lite_source(x: torch.Tensor, variant: str = "qsilk") -> tuple[torch.Tensor, float]:
+def lite_source(x: torch.Tensor, variant: str = "qsilk", out: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, float]:
     """``(g', scale)`` with ``lite_map(x) = scale·g'``: the Lite gradient in six batched ops.
 
     Math: Sobel-x = B₂∘D_x and Sobel-y = B₂∘D_y with B₂ the 2×2 box sum, ``D_x = e + f``,
@@ -30,8 +31,8 @@ def lite_source(x: torch.Tensor, variant: str = "qsilk") -> tuple[torch.Tensor, 
     differences of the 2×2 box sums Q of p (two slice additions): ``E = Q[i+1,j+1] − Q[i,j]``,
     ``F = Q[i,j+1] − Q[i+1,j]``. So ``g = √(2/C)·√(Σ_c E² + F²)``. Every op works per output
     pixel of one sample (no convolution whose algorithm could depend on the batch).
-    Args: x: ``(B, C, H, W)`` float32 or float64. Returns: ``(B, 1, H, W)`` in x's dtype and the
-    Python scale.
+    Args: x: ``(B, C, H, W)`` float32 or float64; out: where to write g (optional).
+    Returns: ``(B, 1, H, W)`` in x's dtype and the Python scale.
     """
     if variant == "paper":
         x = x.mean(1, keepdim=True)
@@ -41,7 +42,7 @@ def lite_source(x: torch.Tensor, variant: str = "qsilk") -> tuple[torch.Tensor, 
     e = q[..., 1:, 1:] - q[..., :-1, :-1]
     f = q[..., :-1, 1:] - q[..., 1:, :-1]
     # Σ_c (e² + f²) by a plain channel sum (a norm reduction over channels is ~80× slower on CPU)
-    g = torch.addcmul(e * e, f, f).sum(1, keepdim=True).sqrt_()
+    g = torch.sqrt(torch.addcmul(e * e, f, f).sum(1, keepdim=True), out=out)
     return g, math.sqrt(2.0 / x.shape[1])
 
 
