@@ -9,7 +9,7 @@ CPU with the torch profiler — deterministically, without timing:
   them, leaving out those that never launch one — views and metadata ops (`view`, `as_strided`,
   `expand`, `slice`, …), allocations (`empty*`), a ``to`` / ``contiguous`` that returned its
   input (a leaf ``aten::to`` has no ``_to_copy`` under it) and Python numbers wrapped as CPU
-  scalars (``scalar_tensor``); a reduction (``sum``, ``mean``, ``amax``, …) is one kernel, as on
+  scalars (``scalar_tensor``, and the CPU's 0-dim copy of such a number inside an op); a reduction (``sum``, ``mean``, ``amax``, …) is one kernel, as on
   CUDA, whatever helper ``fill_`` / ``copy_`` the CPU runs below it. `raw` also gives the issue's first count (every aten leaf that is
   not a view) for comparison. CPU is the proxy: an op that the CPU implements with a helper copy
   (a mixed-dtype op, ``sort``) counts its helpers too.
@@ -98,6 +98,21 @@ SYNC = frozenset({
 
 
 # -- counting -----------------------------------------------------------------------------------
+def _free(ev) -> bool:
+    """No device kernel: a view/metadata/allocation op, or the CPU-side conversion of a Python
+    number an op was given (a 0-dim ``copy_`` below ``to`` inside another aten op: CUDA takes such
+    "wrapped numbers" as kernel arguments)."""
+    if ev.name in NO_KERNEL:
+        return True
+    if ev.name in ("aten::copy_", "aten::_to_copy", "aten::fill_") and all(
+            not shape for shape in (getattr(ev, "input_shapes", None) or [[1]])):
+        p = ev.cpu_parent
+        while p is not None and p.name in ("aten::to", "aten::_to_copy"):
+            p = p.cpu_parent
+        return p is not None and p.name.startswith("aten::") and p.name not in ("aten::to", "aten::_to_copy")
+    return False
+
+
 def _in_reduction(ev) -> bool:
     p = ev.cpu_parent
     while p is not None:
@@ -115,7 +130,7 @@ def _launches_below(ev) -> bool:
     stack = list(ev.cpu_children)
     while stack:
         c = stack.pop()
-        if c.name.startswith("aten::") and c.name not in NO_KERNEL:
+        if c.name.startswith("aten::") and not _free(c):
             return True
         stack.extend(c.cpu_children)
     return False
@@ -168,7 +183,7 @@ def tally(events: Iterable, scopes: frozenset[str] | None = None, exclude: froze
                 syncs[name] += 1
         if name not in VIEWS and not _aten_below(ev):
             raw += 1
-        if (name not in NO_KERNEL and name != "aten::_local_scalar_dense" and not _launches_below(ev)
+        if (not _free(ev) and name != "aten::_local_scalar_dense" and not _launches_below(ev)
                 and not _in_reduction(ev)):
             launches[name] += 1
     return {"launches": sum(launches.values()), "raw": raw, "syncs": sum(syncs.values()),
@@ -177,7 +192,7 @@ def tally(events: Iterable, scopes: frozenset[str] | None = None, exclude: froze
 
 def profiled(fn: Callable[[], Any]) -> list:
     """Run `fn` once under the CPU profiler; its events (with parent/child links)."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
     return list(prof.events())
 
