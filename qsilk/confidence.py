@@ -21,8 +21,8 @@ ATTN_TAU = 0.05
 PERCENTILES = (0.02, 0.5, 0.98)
 
 
-def lite_source(x: torch.Tensor, variant: str = "qsilk", out: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, float]:
+def lite_source(x: torch.Tensor, variant: str = "qsilk", out: torch.Tensor | None = None, *,
+                scaled: bool = False) -> tuple[torch.Tensor, float]:
     """``(g', scale)`` with ``lite_map(x) = scale·g'``: the Lite gradient in six batched ops.
 
     Math: Sobel-x = B₂∘D_x and Sobel-y = B₂∘D_y with B₂ the 2×2 box sum, ``D_x = e + f``,
@@ -31,7 +31,8 @@ def lite_source(x: torch.Tensor, variant: str = "qsilk", out: torch.Tensor | Non
     differences of the 2×2 box sums Q of p (two slice additions): ``E = Q[i+1,j+1] − Q[i,j]``,
     ``F = Q[i,j+1] − Q[i+1,j]``. So ``g = √(2/C)·√(Σ_c E² + F²)``. Every op works per output
     pixel of one sample (no convolution whose algorithm could depend on the batch).
-    Args: x: ``(B, C, H, W)`` float32 or float64; out: where to write g (optional).
+    Args: x: ``(B, C, H, W)`` float32 or float64; out: where to write g (optional); scaled:
+        return `lite_map` itself (scale 1).
     Returns: ``(B, 1, H, W)`` in x's dtype and the Python scale.
     """
     if variant == "paper":
@@ -42,7 +43,10 @@ def lite_source(x: torch.Tensor, variant: str = "qsilk", out: torch.Tensor | Non
     e = q[..., 1:, 1:] - q[..., :-1, :-1]
     f = q[..., :-1, 1:] - q[..., 1:, :-1]
     # Σ_c (e² + f²) by a plain channel sum (a norm reduction over channels is ~80× slower on CPU)
-    g = torch.sqrt(torch.addcmul(e * e, f, f).sum(1, keepdim=True), out=out)
+    total = torch.addcmul(e * e, f, f).sum(1, keepdim=True)
+    if scaled:  # lite_map's own scale, inside the root (exact for exact inputs)
+        return torch.sqrt(total.mul_(2.0 / x.shape[1]), out=out), 1.0
+    g = torch.sqrt(total, out=out)
     return g, math.sqrt(2.0 / x.shape[1])
 
 
@@ -66,8 +70,7 @@ def lite_map(x: torch.Tensor, variant: str = "qsilk") -> torch.Tensor:
     tensor([[[[4., 4.],
               [4., 4.]]]])
     """
-    g, scale = lite_source(x.float(), variant)
-    return g * scale
+    return lite_source(x.float(), variant, scaled=True)[0]
 
 
 def resize_map(conf: torch.Tensor, hw: tuple[int, int], batch: int) -> torch.Tensor:
