@@ -57,7 +57,8 @@ class AQClipState:
 
 
 def corridor_qsilk(mu, sigma, c, sigma_s, rho: float, p_wide: float, p_narrow: float):
-    """Symmetric corridor widening with confidence (spec §3.4, `qsilk`).
+    """Symmetric corridor widening with confidence (spec §3.4, `qsilk`) — the formula; `aqclip`
+    computes the same bounds fused into the limiter's constants (`_params`).
 
     Math: ``z = z_n + (z_w − z_n)·c``, ``z_n = −ndtri(p_narrow)``, ``z_w = −ndtri(p_wide)``,
     ``σ_eff = max(σ, ρ·σ_s)``, ``l = μ − z·σ_eff``, ``h = μ + z·σ_eff``.

@@ -4,7 +4,6 @@ layout that limits every tile phase in one strided view (tile statistics are ``a
 """
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 from typing import NamedTuple
 
