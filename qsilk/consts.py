@@ -15,7 +15,8 @@ def scalar(value: float, dtype: torch.dtype, device: str) -> torch.Tensor:
 
 
 @lru_cache(maxsize=16)
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str, written: tuple, thread: int) -> torch.Tensor:
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str, written: tuple, thread: int,
+           inference: bool) -> torch.Tensor:
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
@@ -24,4 +25,7 @@ def zeroed_scratch(shape: tuple[int, ...], dtype: torch.dtype, device: str, writ
     of it callers write (e.g. the extent of a slice): what lies outside that part stays 0 for
     good. Its contents are valid only until the same caller's next call in the same thread (the
     device stream orders the reuse)."""
-    return _zeros(tuple(shape), dtype, device, tuple(written), threading.get_ident())
+    # one per inference-mode state: a buffer made under torch.inference_mode (ComfyUI samples
+    # there) cannot be written outside it
+    return _zeros(tuple(shape), dtype, device, tuple(written), threading.get_ident(),
+                  torch.is_inference_mode_enabled())

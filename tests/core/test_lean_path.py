@@ -179,3 +179,17 @@ def test_no_op_allocates_more_than_a_few_latents(tile, stride, size):
     biggest = max(e.cpu_memory_usage for e in prof.events())
     assert biggest <= bound, (biggest, bound)
     assert biggest <= 40 * x.numel() * 4  # never anything like (T/S)² copies of the latent (up to 64 here)
+
+
+def test_buffers_made_under_inference_mode_do_not_break_a_later_plain_run():
+    """ComfyUI samples under torch.inference_mode, the WebUIs under no_grad; cached buffers made
+    in one mode must not be written in the other (an inference tensor cannot be)."""
+    x = torch.randn(1, 4, 48, 48, generator=torch.Generator().manual_seed(4))
+    outs = []
+    for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode):
+        stab = Stabilizer(Settings.from_preset("Balanced", aqclip_mode="lite"))
+        stab.begin_pass()
+        with mode():
+            outs.append(stab.post_cfg(x, 0, 3))
+        assert stab.report()["errors"] == 0
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
