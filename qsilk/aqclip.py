@@ -295,16 +295,16 @@ def aqclip_unmasked(x: torch.Tensor, confidence: torch.Tensor | None = None, *, 
 @lru_cache(maxsize=64)
 def _corridor_coefs(shape: str, alpha: float, p_wide: float, p_narrow: float, dtype: torch.dtype, device: str):
     """Cached per-row constants of `_params` for the `qsilk` corridor (rows of the limiter's
-    per-tile constants): ``(A, B)`` with ``rows = μ ± (A + B·c)·σ_eff`` (soft's third row
-    ``(A + B·c)·σ_eff``)."""
+    per-tile constants): ``(A, B, M)`` with ``rows = M·μ + (A + B·c)·σ_eff`` (M = 1 for the
+    bounds, 0 for soft's third row)."""
     z_n, z_w = -NormalDist().inv_cdf(p_narrow), -NormalDist().inv_cdf(p_wide)
     if shape == "hard":      # l, h
         coef = (-1.0, 1.0)
-    else:                    # soft: m − kδ, m + kδ, (1−k)δ
+    else:                    # soft: m − kδ, m + kδ, (1−k)δ/2
         k, k1 = alpha / (1.0 + alpha), 1.0 / (1.0 + alpha)
-        coef = (-k, k, k1)
+        coef = (-k, k, 0.5 * k1)
     col = lambda v: torch.tensor(v, dtype=dtype).view(-1, 1, 1, 1, 1).to(device)  # noqa: E731
-    return col([v * z_n for v in coef]), col([v * (z_w - z_n) for v in coef])
+    return col([v * z_n for v in coef]), col([v * (z_w - z_n) for v in coef]), col([1.0, 1.0, 0.0][:len(coef)])
 
 
 def _params(m: torch.Tensor, scale: torch.Tensor, conf: torch.Tensor | None, shape: str, alpha: float,
@@ -314,17 +314,21 @@ def _params(m: torch.Tensor, scale: torch.Tensor, conf: torch.Tensor | None, sha
 
     With `conf` (`qsilk`): the corridor is ``μ ± z·σ_eff``, ``z = z_n + (z_w − z_n)·c`` (spec §3.4):
     `m` = μ, `scale` = σ_eff. Without: `m`, `scale` are the corridor's centre and half-width δ.
-    Rows — hard: ``(l, h)``; soft: ``(m − kδ, m + kδ, (1−k)δ)`` (the last ≥ 1e-30); tanh:
-    ``(m, α/δ, δ)``. A degenerate corridor (δ → 0) then clamps, as spec §1 asks, to within δ.
+    Rows — hard: ``(l, h)``; soft: ``(m − kδ, m + kδ, (1−k)δ/2)`` (the last ≥ 1e-30); tanh:
+    ``(m, 2α/δ, δ/2)`` (the halves: `_change` takes tanh from an exponential). A degenerate corridor
+    (δ → 0) then clamps, as spec §1 asks, to within δ.
     `positive`: `scale` is known to be > 0 (no floor needed for the soft divisor).
     """
     if conf is not None and shape in ("hard", "soft"):
-        a_, b_ = _corridor_coefs(shape, float(alpha), float(p_wide), float(p_narrow), m.dtype, str(m.device))
+        a_, b_, keep = _corridor_coefs(shape, float(alpha), float(p_wide), float(p_narrow), m.dtype,
+                                       str(m.device))
         zc = torch.addcmul(a_, b_, conf.unsqueeze(0))  # (rows, B, 1, n_h, n_w): the rows' multiples of σ_eff
-        torch.addcmul(m, zc[:2], scale, out=out[:2])
-        if shape == "soft" and positive:  # σ_eff > 0 already (see `aqclip_unmasked`)
-            torch.mul(zc[2], scale, out=out[2])
-        elif shape == "soft":
+        if shape == "hard":
+            torch.addcmul(m, zc, scale, out=out)
+        elif positive:  # σ_eff > 0 already (see `aqclip_unmasked`): all three rows in one op
+            torch.addcmul(m * keep, zc, scale, out=out)
+        else:
+            torch.addcmul(m, zc[:2], scale, out=out[:2])
             torch.clamp(torch.mul(zc[2], scale), min=scalar(TINY, m.dtype, str(m.device)), out=out[2])
         return out
     if conf is not None:
@@ -334,9 +338,9 @@ def _params(m: torch.Tensor, scale: torch.Tensor, conf: torch.Tensor | None, sha
         rows = (m - scale, m + scale)
     elif shape == "soft":
         k, k1 = alpha / (1.0 + alpha), 1.0 / (1.0 + alpha)
-        rows = (m - k * scale, m + k * scale, (k1 * scale).clamp_min(TINY))
+        rows = (m - k * scale, m + k * scale, (0.5 * k1 * scale).clamp_min(TINY))
     else:
-        rows = (m.expand_as(scale), alpha / scale.clamp_min(TINY), scale)
+        rows = (m.expand_as(scale), (2.0 * alpha) / scale.clamp_min(TINY), 0.5 * scale)
     for dst, row in zip(out, rows):
         dst.copy_(row)
     return out
@@ -345,13 +349,17 @@ def _params(m: torch.Tensor, scale: torch.Tensor, conf: torch.Tensor | None, sha
 def _params_buffer(shape: str, grid_shape: tuple[int, ...], grid: TileGrid, hw: tuple[int, int],
                    device: torch.device) -> torch.Tensor:
     """Where `_params` writes (its ``[..., :n_h, :n_w]`` corner): ``(rows, B, C|1, ·, ·)`` float32 —
-    for the batched path a buffer zeroed once over the ``r·ni × r·nj`` grid (phantom tiles stay 0)."""
+    for the batched path a buffer filled once over the ``r·ni × r·nj`` grid (phantom tiles keep
+    bounds 0 and a third row of 1; their weight is 0)."""
     rows = 2 if shape == "hard" else 3
     b, c = grid_shape[0], grid_shape[1]
     if batched(grid):
         lay = layout(grid, hw)
+        # phantom tiles: 0 bounds, and a third row of 1 (the exponential in `_change` then sees
+        # finite values there — ±∞ and NaN take a slow path on CPU — and the change is finite)
+        fill = (0.0, 0.0, 1.0) if rows == 3 else ()
         buf = zeroed_scratch((rows, b, c, lay.r * lay.ni, lay.r * lay.nj), torch.float32, str(device),
-                             (grid.n_h, grid.n_w))
+                             (grid.n_h, grid.n_w), fill)
         return buf
     return torch.empty((rows, b, c, grid.n_h, grid.n_w), dtype=torch.float32, device=device)
 
@@ -366,16 +374,20 @@ def _change(v: torch.Tensor, p: tuple[torch.Tensor, ...], shape: str) -> torch.T
     if shape == "hard":
         t = torch.clamp(v, p[0], p[1], out=first)
         return torch.sub(v, t, out=t)
+    # tanh(y) = 1 − 2/(1 + e^{2y}), so with h = δ'/2 (the third row): u − δ'·tanh(u/δ') =
+    # (u − 2h) + 4h/(1 + e^{u/h}). torch's CPU exp is 2–3× faster than its tanh (both vectorised
+    # with the same result whatever an element's position, so per sample); u = 0 gives
+    # −2h + 4h/2 = +0 exactly (power-of-2 multiples of h); e^{u/h} = ∞ gives u − 2h, 0 gives u + 2h.
     if shape == "soft":
         # s = v − clamp(v, m − kδ, m + kδ) is the signed excess over the knee (0 inside it); the
         # change is s − (1−k)δ·tanh(s/((1−k)δ)) (tanh is odd: the sign comes with s)
         s = torch.clamp(v, p[0], p[1], out=first)
         s = torch.sub(v, s, out=s)
-        t = torch.div(s, p[2]).tanh_()
-        return torch.addcmul(s, t, p[2], value=-1.0, out=t)
-    u = torch.sub(v, p[0], out=first)             # tanh: u − δ·tanh(α·u/δ)
-    t = torch.mul(u, p[1]).tanh_()
-    return torch.addcmul(u, t, p[2], value=-1.0, out=t)
+        t = torch.div(s, p[2]).exp_().add_(1.0)
+    else:
+        s = torch.sub(v, p[0], out=first)         # tanh: u − δ·tanh(α·u/δ), rows (m, 2α/δ, δ/2)
+        t = torch.mul(s, p[1]).exp_().add_(1.0)
+    return torch.addcdiv(torch.add(s, p[2], alpha=-2.0), p[2], t, value=4.0, out=t)
 
 
 def _overlap_add(x32: torch.Tensor, params: torch.Tensor, grid: TileGrid, shape: str, triangular: bool

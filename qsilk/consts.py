@@ -16,16 +16,21 @@ def scalar(value: float, dtype: torch.dtype, device: str) -> torch.Tensor:
 
 @lru_cache(maxsize=16)
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str, written: tuple, thread: int,
-           inference: bool) -> torch.Tensor:
-    return torch.zeros(shape, dtype=dtype, device=device)
+           inference: bool, fill: tuple) -> torch.Tensor:
+    buf = torch.zeros(shape, dtype=dtype, device=device)
+    for i, v in enumerate(fill):
+        buf[i].fill_(v)
+    return buf
 
 
-def zeroed_scratch(shape: tuple[int, ...], dtype: torch.dtype, device: str, written: tuple) -> torch.Tensor:
+def zeroed_scratch(shape: tuple[int, ...], dtype: torch.dtype, device: str, written: tuple,
+                   fill: tuple = ()) -> torch.Tensor:
     """A zero-filled buffer made once per shape, dtype, device, thread and `written` — the part
     of it callers write (e.g. the extent of a slice): what lies outside that part stays 0 for
-    good. Its contents are valid only until the same caller's next call in the same thread (the
+    good (or ``fill[i]`` in ``buf[i]``, for the leading indices `fill` names). Its contents are
+    valid only until the same caller's next call in the same thread (the
     device stream orders the reuse)."""
     # one per inference-mode state: a buffer made under torch.inference_mode (ComfyUI samples
     # there) cannot be written outside it
     return _zeros(tuple(shape), dtype, device, tuple(written), threading.get_ident(),
-                  torch.is_inference_mode_enabled())
+                  torch.is_inference_mode_enabled(), tuple(fill))
