@@ -11,6 +11,7 @@ import struct
 
 import torch
 
+from .consts import scalar
 from .limiter import check_shape_alpha, limit
 
 __all__ = ["limit", "micro_clamp", "tail_quantiles"]
@@ -35,15 +36,37 @@ def _rank(q: float, n: int) -> tuple[int, int, float]:
     return below, above, r - below
 
 
-def _order_stats(x: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _order_stats(x: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """The `lo`-th and `hi`-th smallest values (0-based, ``lo ≤ hi``) of each row, via one topk
-    from whichever end needs fewer values."""
+    from whichever end needs fewer values; also that topk's first column (the row's min when
+    taken from below, its max from above — NaN counts as the largest value) and which end."""
     n = x.shape[1]
     if hi + 1 <= n - lo:
         v = torch.topk(x, hi + 1, dim=1, largest=False, sorted=True).values
-        return v[:, lo], v[:, hi]
+        return v[:, lo], v[:, hi], v[:, 0], False
     v = torch.topk(x, n - lo, dim=1, largest=True, sorted=True).values
-    return v[:, n - 1 - lo], v[:, n - 1 - hi]
+    return v[:, n - 1 - lo], v[:, n - 1 - hi], v[:, 0], True
+
+
+def _tails(x: torch.Tensor, q_lo: float, q_hi: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(l, h, finite)`` of float32 rows: `tail_quantiles` and, per row, whether it holds only
+    finite values — from the two topk's extremes (``max − min < ∞``; NaN sorts above +∞), so no
+    extra pass over the row when the tails come from opposite ends (the usual q_lo < ½ < q_hi).
+    A row whose finite values span more than float32's range (|x| > 1.7e38 of both signs) counts
+    as non-finite."""
+    n = x.shape[1]
+    out, ends = [], {}
+    for q in (q_lo, q_hi):
+        below, above, w = _rank(q, n)
+        v_below, v_above, first, from_top = _order_stats(x, below, above)
+        out.append(torch.lerp(v_below, v_above, w))
+        ends[from_top] = first
+    if len(ends) == 2:
+        lo_end, hi_end = ends[False], ends[True]
+    else:
+        lo_end, hi_end = torch.aminmax(x, dim=1)  # same end for both tails (tiny rows, odd levels)
+    finite = torch.lt(torch.sub(hi_end, lo_end), scalar(math.inf, x.dtype, str(x.device)))
+    return out[0], out[1], finite
 
 
 def tail_quantiles(x: torch.Tensor, q_lo: float, q_hi: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +100,7 @@ def tail_quantiles(x: torch.Tensor, q_lo: float, q_hi: float) -> tuple[torch.Ten
     out = []
     for q in (q_lo, q_hi):
         below, above, w = _rank(q, n)
-        v_below, v_above = _order_stats(x, below, above)
+        v_below, v_above, _, _ = _order_stats(x, below, above)
         out.append(torch.lerp(v_below, v_above, w))
     return out[0], out[1]
 
@@ -117,18 +140,29 @@ def micro_clamp(x: torch.Tensor, q_lo: float = 0.001, q_hi: float = 0.999, shape
     check_shape_alpha(shape, alpha)
     if not x.is_floating_point() or x.dim() < (3 if per_channel else 2) or x.numel() == 0:
         raise ValueError(f"x must be a non-empty floating (B, C, …) tensor (got {tuple(x.shape)}, {x.dtype})")
+    out, finite = clamp_unmasked(x, q_lo, q_hi, shape, alpha, per_channel, out_dtype=x.dtype)
+    return torch.where(finite.view(-1, *([1] * (x.dim() - 1))), out, x)
+
+
+def clamp_unmasked(x: torch.Tensor, q_lo: float, q_hi: float, shape: str, alpha: float,
+                   per_channel: bool, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`micro_clamp` without its pass-through of non-finite samples: ``(out, finite)``, `finite`
+    ``(B,)`` True where sample b holds only finite values; `out` is unspecified where it is False
+    (the caller passes those samples through — `Stabilizer` once, after every component).
+    `out` is float32, or `out_dtype` (the hard clamp writes it directly: no separate cast).
+    Arguments as `micro_clamp` (not checked here). Hard: 2 topk, 2 lerp, 2 small ops and one clamp."""
     b = x.shape[0]
     rows = x.reshape(b * x.shape[1], -1) if per_channel else x.reshape(b, -1)
-    # A float64 sum of float32/16 values cannot overflow: it is non-finite iff a value is NaN/±Inf.
-    finite = x.reshape(b, -1).sum(1, dtype=torch.float64).isfinite()
+    rows = rows.float()
+    l, h, finite = _tails(rows, q_lo, q_hi)
     if per_channel:
-        finite = finite.repeat_interleave(x.shape[1])
-    l, h = tail_quantiles(rows, q_lo, q_hi)
+        finite = finite.view(b, -1).all(1)
     l, h = l.unsqueeze(1), h.unsqueeze(1)
+    # NaN bounds of a non-finite sample give NaN here: the caller restores the sample.
     if shape == "hard":
-        # An infinite corridor is the identity for clamp (NaN and -0.0 included): no extra pass.
-        inf = torch.full_like(l, math.inf)
-        out = limit(rows, torch.where(finite[:, None], l, -inf), torch.where(finite[:, None], h, inf))
+        out = torch.clamp(rows, l, h, out=torch.empty(rows.shape, dtype=out_dtype or torch.float32,
+                                                       device=rows.device))
     else:
-        out = torch.where(finite[:, None], limit(rows, l, h, shape, alpha), rows)
-    return out.reshape(x.shape)
+        out = limit(rows, l, h, shape, alpha)
+        out = out if out_dtype is None else out.to(out_dtype)
+    return out.reshape(x.shape), finite

@@ -6,10 +6,13 @@ All functions are pure, per sample, float32 (float64 where stated) and free of h
 from __future__ import annotations
 
 import math
+import struct
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+
+from .consts import scalar
 
 #: Floor of the percentile spread for a given (Attn) confidence map (spec §3.3).
 ATTN_TAU = 0.05
@@ -18,18 +21,33 @@ ATTN_TAU = 0.05
 PERCENTILES = (0.02, 0.5, 0.98)
 
 
-def _sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """3×3 Sobel derivatives of each channel of ``(B, C, H, W)`` with replicate padding.
+def lite_source(x: torch.Tensor, variant: str = "qsilk", out: torch.Tensor | None = None, *,
+                scaled: bool = False) -> tuple[torch.Tensor, float]:
+    """``(g', scale)`` with ``lite_map(x) = scale·g'``: the Lite gradient in six batched ops.
 
-    Math: ``gx = [1 2 1]ᵀ ⊗ [−1 0 1]``, ``gy = [−1 0 1]ᵀ ⊗ [1 2 1]`` (correlation), written as
-    slice differences so every output value is computed the same way whatever the batch.
+    Math: Sobel-x = B₂∘D_x and Sobel-y = B₂∘D_y with B₂ the 2×2 box sum, ``D_x = e + f``,
+    ``D_y = e − f``, ``e = p[y+1,x+1] − p[y,x]``, ``f = p[y,x+1] − p[y+1,x]`` on the replicate-padded
+    sample p; B₂ is linear, so ``gx² + gy² = 2·((B₂e)² + (B₂f)²)``, and ``B₂e``, ``B₂f`` are
+    differences of the 2×2 box sums Q of p (two slice additions): ``E = Q[i+1,j+1] − Q[i,j]``,
+    ``F = Q[i,j+1] − Q[i+1,j]``. So ``g = √(2/C)·√(Σ_c E² + F²)``. Every op works per output
+    pixel of one sample (no convolution whose algorithm could depend on the batch).
+    Args: x: ``(B, C, H, W)`` float32 or float64; out: where to write g (optional); scaled:
+        return `lite_map` itself (scale 1).
+    Returns: ``(B, 1, H, W)`` in x's dtype and the Python scale.
     """
+    if variant == "paper":
+        x = x.mean(1, keepdim=True)
     p = F.pad(x, (1, 1, 1, 1), mode="replicate")
-    dx = p[..., :, 2:] - p[..., :, :-2]                        # (B, C, H+2, W)
-    gx = torch.addcmul(dx[..., :-2, :] + dx[..., 2:, :], dx[..., 1:-1, :], torch.tensor(2.0, dtype=x.dtype))
-    dy = p[..., 2:, :] - p[..., :-2, :]                        # (B, C, H, W+2)
-    gy = torch.addcmul(dy[..., :-2] + dy[..., 2:], dy[..., 1:-1], torch.tensor(2.0, dtype=x.dtype))
-    return gx, gy
+    h = p[..., 1:] + p[..., :-1]
+    q = h[..., 1:, :] + h[..., :-1, :]                                # 2×2 box sums, (B, C, H+1, W+1)
+    e = q[..., 1:, 1:] - q[..., :-1, :-1]
+    f = q[..., :-1, 1:] - q[..., 1:, :-1]
+    # Σ_c (e² + f²) by a plain channel sum (a norm reduction over channels is ~80× slower on CPU)
+    total = torch.addcmul(e * e, f, f).sum(1, keepdim=True)
+    if scaled:  # lite_map's own scale, inside the root (exact for exact inputs)
+        return torch.sqrt(total.mul_(2.0 / x.shape[1]), out=out), 1.0
+    g = torch.sqrt(total, out=out)
+    return g, math.sqrt(2.0 / x.shape[1])
 
 
 def lite_map(x: torch.Tensor, variant: str = "qsilk") -> torch.Tensor:
@@ -52,12 +70,7 @@ def lite_map(x: torch.Tensor, variant: str = "qsilk") -> torch.Tensor:
     tensor([[[[4., 4.],
               [4., 4.]]]])
     """
-    x = x.float()
-    if variant == "paper":
-        gx, gy = _sobel(x.mean(1, keepdim=True))
-        return torch.sqrt(torch.addcmul(gx * gx, gy, gy))
-    gx, gy = _sobel(x)
-    return torch.sqrt(torch.addcmul(gx * gx, gy, gy).mean(1, keepdim=True))
+    return lite_source(x.float(), variant, scaled=True)[0]
 
 
 def resize_map(conf: torch.Tensor, hw: tuple[int, int], batch: int) -> torch.Tensor:
@@ -107,14 +120,55 @@ def pool_to_tiles(m: torch.Tensor, pad_h: int, pad_w: int, tile: int, stride: in
     return F.avg_pool2d(m.double(), tile // g, stride // g)
 
 
-@lru_cache(maxsize=8)
-def _levels(dtype: torch.dtype, device: str) -> torch.Tensor:
-    return torch.tensor(PERCENTILES, dtype=dtype).to(device)  # once per device: no per-call copy
+@lru_cache(maxsize=64)
+def _quantile_plan(levels: tuple[float, ...], n: int, dtype: torch.dtype, device: str
+                   ) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(k, index, weight)`` to read exact ``torch.quantile`` (linear) values of `levels` from the
+    k smallest values of rows of n: ranks ``r = q·(n−1)`` in `dtype` (as torch.quantile computes
+    them), order statistics ``⌊r⌋`` and ``⌈r⌉`` (``index``: all belows, then all aboves) and
+    weights ``r − ⌊r⌋``. Built once per (levels, n, dtype, device): no per-call host→device copy."""
+    if dtype == torch.float64:
+        ranks = [q * (n - 1) for q in levels]
+    else:  # float32 rank arithmetic, as torch.quantile on float32 (it takes no other dtype)
+        f32 = lambda v: struct.unpack("f", struct.pack("f", v))[0]  # noqa: E731
+        ranks = [f32(f32(q) * f32(float(n - 1))) for q in levels]
+    below = [int(math.floor(r)) for r in ranks]
+    above = [min(int(math.ceil(r)), n - 1) for r in ranks]
+    index = torch.tensor(below + above, dtype=torch.long).to(device)
+    weight = torch.tensor([r - b for r, b in zip(ranks, below)], dtype=dtype).to(device)
+    return max(above) + 1, index, weight
+
+
+def row_quantiles(a: torch.Tensor, levels: tuple[float, ...]) -> torch.Tensor:
+    """``(R, L)``: quantiles at `levels` of each row of ``(R, N)`` `a`, equal to ``torch.quantile``
+    (linear interpolation, ranks in `a`'s dtype) for rows without NaN — in three ops (one sorted
+    ``topk`` of the k smallest values, one ``index_select``, one ``lerp``), with no host sync (a
+    tensor `q` makes torch.quantile check it on the host) and no 16M limit."""
+    k, index, weight = _quantile_plan(tuple(levels), a.shape[1], a.dtype, str(a.device))
+    v = torch.topk(a, k, dim=1, largest=False, sorted=True).values.index_select(1, index)
+    return torch.lerp(v[:, :len(levels)], v[:, len(levels):], weight)
 
 
 def _percentiles(a: torch.Tensor) -> torch.Tensor:
     """``(3, B, 1, 1, 1)``: p2, p50, p98 of each sample's values of a ``(B, 1, n_h, n_w)`` map."""
-    return torch.quantile(a.flatten(1), _levels(a.dtype, str(a.device)), dim=1).view(3, -1, 1, 1, 1)
+    return row_quantiles(a.flatten(1), PERCENTILES).t().reshape(3, -1, 1, 1, 1)
+
+
+def normalise_tiles(a: torch.Tensor, lite_eps: float | None) -> torch.Tensor:
+    """`normalise_qsilk` of a ``(B, 1, n_h, n_w)`` tile-grid source in a handful of ops: with
+    `lite_eps` (Lite: ``τ = 0.5·p50 + lite_eps``; ``1e-12`` on `lite_map`'s scale), else the Attn
+    floor ``τ = 0.05``. ``c = clip(1 + (a − p98)/r, 0, 1)`` — bit-equal to ``1 − (p98 − a)/r``."""
+    flat = a.flatten(1)
+    levels = PERCENTILES if lite_eps is not None else (PERCENTILES[0], PERCENTILES[2])
+    q = row_quantiles(flat, levels)
+    p2, p98 = q[:, :1], q[:, -1:]
+    r = p98 - p2
+    if lite_eps is not None:
+        r = torch.maximum(r, torch.add(scalar(lite_eps, a.dtype, str(a.device)), q[:, 1:2], alpha=0.5))
+    else:
+        r = r.clamp_min(ATTN_TAU)
+    c = torch.addcdiv(scalar(1.0, a.dtype, str(a.device)), flat - p98, r)
+    return c.clamp_(0.0, 1.0).view(a.shape)
 
 
 def normalise_qsilk(a: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:

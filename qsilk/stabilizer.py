@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 import torch
 
-from .aqclip import AQClipState, aqclip
-from .clamp import micro_clamp
+from .aqclip import AQClipState, aqclip_unmasked
+from .clamp import clamp_unmasked
 from .confidence import entropy_to_confidence
 from .settings import Settings
 
@@ -137,9 +137,14 @@ class Stabilizer:
         self.pre_decodes = 0
         self.seconds = 0.0
         self.notes: list[str] = []
-        self._nonfinite: torch.Tensor | None = None  # device counter, read once in report()
+        # device counters, read once in report(): per-evaluation parts are kept (no op to add them)
+        # and summed every COUNTER_FOLD evaluations
+        self._finite_parts: list[torch.Tensor] = []  # (B,) bool per application
+        self._finite_total: torch.Tensor | None = None
+        self._rows = 0  # samples seen (host int)
+        self._changed_parts: list[torch.Tensor] = []  # (C,) values changed per channel
         self._clipped: torch.Tensor | None = None  # per-channel count of values changed
-        self._seen: torch.Tensor | None = None  # per-channel count of values seen
+        self._seen = 0  # values seen per channel (host int)
         self._terminal_rows: torch.Tensor | None = None
         self._pre_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_maps: dict[str, torch.Tensor] = {}
@@ -318,15 +323,18 @@ class Stabilizer:
             ps.ran_last_eval = {"qsilk": run_qs, "aqclip": run_aq}
         if not (run_qs or run_aq):
             return x
-        self._count_nonfinite(x)
-        out = x
+        # float32 throughout (one conversion for half inputs); the last component writes x's dtype
+        x32 = x.float()
+        out, finite = x32, None
+        aq_last = run_aq and nmask is None
         if run_qs:
             if self.corridor is not None and per_step and sigma is not None:
                 clamped = self.corridor(out, sigma, shape=s.qsilk_shape, alpha=s.qsilk_alpha,
                                         per_channel=s.qsilk_per_channel)
-            else:
-                clamped = micro_clamp(out, s.q_lo, s.q_hi, shape=s.qsilk_shape, alpha=s.qsilk_alpha,
-                                      per_channel=s.qsilk_per_channel)
+            else:  # non-finite samples are restored once, below
+                qs_last = not run_aq and nmask is None and s.qsilk_strength >= 1.0
+                clamped, finite = clamp_unmasked(out, s.q_lo, s.q_hi, s.qsilk_shape, s.qsilk_alpha,
+                                                 s.qsilk_per_channel, out_dtype=x.dtype if qs_last else None)
             out = _blend(out, clamped, s.qsilk_strength, nmask)
         if run_aq:
             use_attn = per_step and s.aqclip_mode == "attn" and probe_map is not None
@@ -335,42 +343,62 @@ class Stabilizer:
             elif per_step and s.aqclip_mode == "attn" and not ps.aq_state.has_attn:
                 self.lite_fallbacks += 1
             beta = s.ema_beta ** (1.0 / ps.evaluations_per_step)
-            result = aqclip(
+            result, finite, maps = aqclip_unmasked(
                 out, entropy_to_confidence(probe_map, s.aqclip_variant) if use_attn else None,
                 tile=s.tile, stride=s.stride,
                 shape=s.aqclip_shape, alpha=s.aqclip_alpha, variant=s.aqclip_variant,
-                p_wide=s.p_wide, p_narrow=s.p_narrow, strength=1.0,
+                p_wide=s.p_wide, p_narrow=s.p_narrow, strength=s.aqclip_strength if nmask is None else 1.0,
                 state=ps.aq_state if per_step else None, sigma_floor=s.sigma_floor,
-                ema_beta=beta, return_maps=s.show_maps,
+                ema_beta=beta, finite=finite, return_maps=s.show_maps, out_dtype=x.dtype if aq_last else None,
             )
             if s.show_maps:
-                result, maps = result
                 self.last_maps = maps
-            out = _blend(out, result, s.aqclip_strength, nmask)
-        self._count_clipped(x, out)
+            out = result if nmask is None else _blend(out, result, s.aqclip_strength, nmask)
+        if out is x32:
+            out = x  # nothing changed the latent (strength 0)
+        elif out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        if finite is None:  # only the Q-Sched corridor ran: it passes non-finite samples through itself
+            finite = _finite_rows(x)
+        elif out is not x:
+            out = torch.where(finite.view(-1, *([1] * (x.dim() - 1))), out, x)
+        self._count(x, out, finite)
         return out
 
     # -- counters (device tensors; no host sync until report()) ---------------------------
-    def _count_nonfinite(self, x: torch.Tensor) -> None:
-        bad = (~torch.isfinite(x)).flatten(1).any(1).sum()
-        self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad
+    def _count(self, before: torch.Tensor, after: torch.Tensor, finite: torch.Tensor) -> None:
+        """Keep this application's counts on the device: which samples were finite, and per channel
+        how many values changed (bit patterns compared, so a NaN passed through is unchanged).
+        Two ops per application; the parts are summed every `COUNTER_FOLD` applications."""
+        self._finite_parts.append(finite)
+        self._rows += finite.shape[0]
+        if after is not before:
+            bits = _BITS[before.element_size()]
+            changed = torch.ne(after.view(bits), before.view(bits)).sum(dim=(0, 2, 3))
+            if self._changed_parts and self._changed_parts[0].shape != changed.shape or (
+                    self._clipped is not None and self._clipped.shape != changed.shape):
+                self._changed_parts, self._clipped, self._seen = [], None, 0  # channel count changed
+            self._changed_parts.append(changed)
+            self._seen += before.shape[0] * before.shape[2] * before.shape[3]
+        if len(self._finite_parts) >= COUNTER_FOLD or len(self._changed_parts) >= COUNTER_FOLD:
+            self._fold_counters()
 
-    def _count_clipped(self, before: torch.Tensor, after: torch.Tensor) -> None:
-        if after is before:
-            return
-        changed = ((after != before) & torch.isfinite(before)).sum(dim=(0, 2, 3))
-        seen = torch.full_like(changed, before.shape[0] * before.shape[2] * before.shape[3])
-        if self._clipped is None or self._clipped.shape != changed.shape:
-            self._clipped, self._seen = changed, seen
-        else:
-            self._clipped = self._clipped + changed
-            self._seen = self._seen + seen
+    def _fold_counters(self) -> None:
+        if self._finite_parts:
+            total = torch.cat(self._finite_parts).sum()
+            self._finite_total = total if self._finite_total is None else self._finite_total + total
+            self._finite_parts = []
+        if self._changed_parts:
+            total = torch.stack(self._changed_parts).sum(0)
+            self._clipped = total if self._clipped is None else self._clipped + total
+            self._changed_parts = []
 
     def nonfinite_samples(self) -> int:
         """How many samples passed through because they held NaN/Inf; notes it when any did.
 
         Reads a device counter (one host sync): call it after a sampler run, never per step."""
-        nonfinite = int(self._nonfinite.item()) if self._nonfinite is not None else 0
+        self._fold_counters()
+        nonfinite = self._rows - int(self._finite_total.item()) if self._finite_total is not None else 0
         if nonfinite:
             self.note("non-finite values (NaN/Inf) in the denoised latent; those samples passed through unchanged")
         return nonfinite
@@ -380,7 +408,7 @@ class Stabilizer:
         nonfinite = self.nonfinite_samples()
         share = []
         if self._clipped is not None:
-            share = (self._clipped.double() / self._seen.clamp_min(1).double()).tolist()
+            share = (self._clipped.double() / max(1, self._seen)).tolist()
         return {
             "passes": self.passes,
             "evaluations": self.evaluations,
@@ -394,6 +422,18 @@ class Stabilizer:
             "seconds": self.seconds,
             "notes": list(self.notes),
         }
+
+
+#: Applications between two sums of the kept counter parts (bounds the list; ~0.01 op per evaluation).
+COUNTER_FOLD = 256
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """``(B,)``: whether sample b holds only finite values (a float64 sum of float values is
+    non-finite iff one of them is NaN/±Inf)."""
+    total = x.reshape(x.shape[0], -1).sum(1, dtype=torch.float64)
+    return torch.sub(total, total) == 0
 
 
 def _blend(x: torch.Tensor, y: torch.Tensor, strength: float, nmask: torch.Tensor | None) -> torch.Tensor:

@@ -1,19 +1,14 @@
-"""Tiles of AQClip (spec §3.1, §3.2, §3.6): geometry with reflect padding, tile statistics from
-pooled block moments, and the overlap-add of a per-tile limiter's changes, one tile phase at a time.
+"""Tiles of AQClip (spec §3.1, §3.6): geometry with reflect padding, windows and coverage, and the
+layout that limits every tile phase in one strided view (tile statistics are ``avg_pool2d`` in
+`qsilk.aqclip`).
 """
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-
-from .limiter import change_from_params, change_params
-
-#: Values limited at once in `overlap_add_changes` (1 MiB of float32: stays in cache).
-CHUNK = 1 << 18
 
 
 class TileGrid(NamedTuple):
@@ -38,47 +33,6 @@ def tile_grid(h: int, w: int, tile: int, stride: int) -> TileGrid:
     return TileGrid(t, s, pad_h, pad_w, (h + pad_h - t) // s + 1, (w + pad_w - t) // s + 1)
 
 
-def tile_stats(xp: torch.Tensor, grid: TileGrid, pooled: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tile mean and population std (spec §3.2), per channel or pooled over channels.
-
-    Math: blocks of ``g×g`` (``g = gcd(T, S)``) give float32 moments around a block pixel (no
-    cancellation); tiles average ``(T/g)²`` blocks in float64: ``μ = E[x]``,
-    ``σ² = E[(x − r)²] − (E[x] − r)²`` per block, combined as ``E[σ_b² + μ_b²] − μ²``. A tile whose
-    values are all equal gets exactly ``σ = 0`` and ``μ =`` that value.
-    Args: xp: padded ``(B, C, H_pad, W_pad)`` float32, contiguous.
-    Returns: ``(μ, σ)``, float64, ``(B, C|1, n_h, n_w)``.
-
-    >>> x = torch.full((1, 1, 4, 4), 0.1); x[0, 0, 3, 3] = 2.0
-    >>> mu, sigma = tile_stats(x, tile_grid(4, 4, 2, 2), pooled=False)
-    >>> bool(mu[0, 0, 0, 0] == x[0, 0, 0, 0].double()), sigma[0, 0].round(decimals=4).tolist()
-    (True, [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.8227]])
-    """
-    b, c, hp, wp = xp.shape
-    g = math.gcd(grid.tile, grid.stride)
-    if g > 1:
-        r = xp[:, :, ::g, ::g]
-        d = xp.view(b, c, hp // g, g, wp // g, g) - r[:, :, :, None, :, None]
-        # float32 block sums (a float64 `dtype=` would first copy the whole latent to float64)
-        s1 = d.sum((3, 5)).double() / (g * g)
-        s2 = d.mul_(d).sum((3, 5)).double() / (g * g)
-        m = r.double() + s1
-        ex2 = (s2 - s1 * s1).clamp_min_(0) + m * m
-    else:
-        m = xp.double()
-        s2, ex2 = None, m * m
-    k, q = grid.tile // g, grid.stride // g
-    mu, ex2 = F.avg_pool2d(m, k, q), F.avg_pool2d(ex2, k, q)
-    mmax, mmin = F.max_pool2d(m, k, q), -F.max_pool2d(-m, k, q)
-    const = mmax == mmin
-    if s2 is not None:
-        const &= F.max_pool2d(s2, k, q) == 0
-    if pooled:
-        mu, ex2 = mu.mean(1, keepdim=True), ex2.mean(1, keepdim=True)
-        const = const.all(1, keepdim=True) & (mmax.amax(1, keepdim=True) == mmin.amin(1, keepdim=True))
-    var = (ex2 - mu * mu).clamp_min_(0)
-    return mu, torch.where(const, torch.zeros_like(var), var).sqrt_()
-
-
 @lru_cache(maxsize=64)
 def window(t: int, triangular: bool, device: str = "cpu") -> torch.Tensor:
     """Tile window (spec §3.6): ``w(i) = 1 − |i − (T−1)/2|/(T/2)`` (> 0 everywhere), or 1.
@@ -96,36 +50,6 @@ def coverage(n: int, t: int, s: int, triangular: bool) -> torch.Tensor:
     idx = (torch.arange(n)[:, None] * s + torch.arange(t)[None, :]).flatten()
     return torch.zeros((n - 1) * s + t, dtype=torch.float64).index_add_(
         0, idx, window(t, triangular).double().repeat(n))
-
-
-def overlap_add_changes(xp, l, h, grid: TileGrid, shape: str, alpha: float, triangular: bool):
-    """``Σ_tiles w·(x − L_tile(x))`` on the padded latent, one tile phase at a time (spec §3.6).
-
-    The ⌈T/S⌉² phases each hold tiles that do not overlap, so each phase is one strided view of
-    `xp` limited at once: memory O(C·H·W). An unchanged value contributes exactly +0.
-    """
-    t, s = grid.tile, grid.stride
-    r = -(-t // s)
-    acc = torch.zeros_like(xp)
-    w = window(t, triangular, str(xp.device))
-    w2 = (w[:, None, None] * w[None, None, :]) if triangular else None
-    params = change_params(l, h, shape, alpha)  # per-tile constants, once for all phases
-    sb, sc, sh, sw = xp.stride()
-    for pi in range(min(r, grid.n_h)):
-        for pj in range(min(r, grid.n_w)):
-            n_i, nj = -(-(grid.n_h - pi) // r), -(-(grid.n_w - pj) // r)
-            # a few tile rows at a time, so the ~9 passes of the limiter run on cache-sized data
-            rows = max(1, CHUNK // (xp.shape[0] * xp.shape[1] * nj * t * t))
-            for i0 in range(0, n_i, rows):
-                ni = min(rows, n_i - i0)
-                size, strides = (*xp.shape[:2], ni, t, nj, t), (sb, sc, r * s * sh, sh, r * s * sw, sw)
-                off = (pi + i0 * r) * s * sh + pj * s * sw
-                xt = xp.as_strided(size, strides, xp.storage_offset() + off)
-                phase = tuple(p[:, :, pi + i0 * r:pi + (i0 + ni) * r:r, pj::r][:, :, :, None, :, None] for p in params)
-                change = change_from_params(xt, phase, shape)
-                view = acc.as_strided(size, strides, off)
-                view.add_(change) if w2 is None else view.addcmul_(change, w2)
-    return acc
 
 
 def spread_tiles(v: torch.Tensor, grid: TileGrid, triangular: bool, hw: tuple[int, int]) -> torch.Tensor:
@@ -148,3 +72,91 @@ def coverage_2d(grid: TileGrid, triangular: bool, device: str = "cpu") -> torch.
     ch = coverage(grid.n_h, grid.tile, grid.stride, triangular)
     cw = coverage(grid.n_w, grid.tile, grid.stride, triangular)
     return (ch[:, None] * cw[None, :]).float().to(device)
+
+
+# -- the batched path (issue #14): every tile phase in one strided view, one fold ---------------
+#: At most this many tile phases (⌈T/S⌉²) are limited in one batched op: the temporaries then hold
+#: at most 4× the (padded) latent, whatever the tile/stride. Larger ratios loop over phases.
+PHASES_AT_ONCE = 4
+
+
+class Layout(NamedTuple):
+    """Where the tiles of a grid lie when all ⌈T/S⌉² phases are processed at once.
+
+    Phase ``(pi, pj)`` holds tiles ``(pi + r·ti, pj + r·tj)``; every phase gets ``ni × nj`` tiles,
+    those past the real grid ("phantom" tiles, index ≥ n_h or n_w) weigh 0. The latent is padded
+    to ``he × we`` so every phase's tiles are one strided view of it, and the tile grid to
+    ``r·ni × r·nj``, which is also the grid `F.fold` expects for output ``he × we``."""
+    r: int
+    ni: int
+    nj: int
+    he: int
+    we: int
+    first_covers: bool  # phase (0, 0)'s tiles cover the whole latent (they abut: S divides T)
+
+
+def layout(grid: TileGrid, hw: tuple[int, int] | None = None) -> Layout:
+    """`Layout` of a grid (see there). When S divides T the tiles of one phase abut, and with
+    `hw` (the latent's size) every phase gets enough (phantom) tiles for phase (0, 0) to cover it.
+
+    >>> layout(tile_grid(128, 128, 32, 16), (128, 128))
+    Layout(r=2, ni=4, nj=4, he=144, we=144, first_covers=True)
+    """
+    t, s = grid.tile, grid.stride
+    r = -(-t // s)
+    ni, nj = -(-grid.n_h // r), -(-grid.n_w // r)
+    covers = False
+    if hw is not None and t == r * s:
+        ni, nj, covers = max(ni, -(-hw[0] // t)), max(nj, -(-hw[1] // t)), True
+    return Layout(r, ni, nj, (r * ni - 1) * s + t, (r * nj - 1) * s + t, covers)
+
+
+def batched(grid: TileGrid) -> bool:
+    """Whether the grid's phases fit one batched op (``⌈T/S⌉² ≤ PHASES_AT_ONCE``)."""
+    r = -(-grid.tile // grid.stride)
+    return r * r <= PHASES_AT_ONCE
+
+
+def phase_view(xe: torch.Tensor, grid: TileGrid, lay: Layout) -> torch.Tensor:
+    """``(B, C, r, ni, T, r, nj, T)`` strided view of a ``(B, C, he, we)`` tensor: value ``u, v``
+    of tile ``(pi + r·ti, pj + r·tj)``. No copy; tiles of different phases overlap in memory."""
+    t, s = grid.tile, grid.stride
+    sb, sc, sh, sw = xe.stride()
+    size = (xe.shape[0], xe.shape[1], lay.r, lay.ni, t, lay.r, lay.nj, t)
+    strides = (sb, sc, s * sh, lay.r * s * sh, sh, s * sw, lay.r * s * sw, sw)
+    return xe.as_strided(size, strides, xe.storage_offset())
+
+
+def tile_params_view(p: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """Per-tile values ``(..., r·ni, r·nj)`` laid out to broadcast against `phase_view`:
+    ``(..., r, ni, 1, r, nj, 1)``."""
+    lead = p.shape[:-2]
+    v = p.reshape(*lead, lay.ni, lay.r, lay.nj, lay.r)
+    n = len(lead)
+    v = v.permute(*range(n), n + 1, n, n + 3, n + 2)
+    return v.unsqueeze(n + 2).unsqueeze(n + 5)
+
+
+@lru_cache(maxsize=32)
+def phase_weight(grid: TileGrid, triangular: bool, device: str = "cpu", hw: tuple[int, int] | None = None
+                 ) -> torch.Tensor:
+    """``(1, 1, r, ni, T, r, nj, T)`` float32: the window ``w(u)·w(v)`` of each tile, 0 for
+    phantom tiles (`layout` of `grid` and `hw`). Cached per grid and device (read-only)."""
+    lay = layout(grid, hw)
+    t = grid.tile
+    w = window(t, triangular)
+    real_i = (torch.arange(lay.r)[:, None] + lay.r * torch.arange(lay.ni)[None, :] < grid.n_h).float()
+    real_j = (torch.arange(lay.r)[:, None] + lay.r * torch.arange(lay.nj)[None, :] < grid.n_w).float()
+    wi = real_i[:, :, None] * w[None, None, :]          # (r, ni, T)
+    wj = real_j[:, :, None] * w[None, None, :]
+    return (wi[:, :, :, None, None, None] * wj[None, None, None]).unsqueeze(0).unsqueeze(0).to(device)
+
+
+@lru_cache(maxsize=32)
+def blend_factor(grid: TileGrid, triangular: bool, strength: float, hw: tuple[int, int],
+                 device: str = "cpu") -> torch.Tensor:
+    """``−strength / fold(w)`` cropped to the latent, float32 ``(H, W)``: ``x_out = x + acc·factor``.
+    Cached per grid, strength and device (read-only)."""
+    cov = coverage(grid.n_h, grid.tile, grid.stride, triangular)[: hw[0], None] * \
+        coverage(grid.n_w, grid.tile, grid.stride, triangular)[None, : hw[1]]
+    return (-strength / cov.float()).contiguous().to(device)

@@ -105,6 +105,7 @@ class _Pass:
     total: int | None = None
     timesteps_count: int | None = None
     eps: bool | None = None  # ε after CFG (timestep samplers); decided at the first evaluation
+    alphas: Any = None  # the sampler's ᾱ table on the latent's device, copied once per pass
 
 
 @dataclass
@@ -323,10 +324,12 @@ class Job:
         if ps.eps is None:
             ps.eps = is_timestep_denoiser(denoiser)
         if ps.eps:
-            alphas = getattr(denoiser, "alphas", None)
-            if alphas is None:
-                alphas = _module("modules.shared").sd_model.alphas_cumprod
-            alpha_bar = alphas.to(x.device)[sigma.to(torch.long)]  # the WebUI truncates t the same way
+            if ps.alphas is None or ps.alphas.device != x.device:  # once per pass, not per evaluation
+                alphas = getattr(denoiser, "alphas", None)
+                if alphas is None:
+                    alphas = _module("modules.shared").sd_model.alphas_cumprod
+                ps.alphas = alphas.to(x.device)
+            alpha_bar = ps.alphas[sigma.to(torch.long)]  # the WebUI truncates t the same way
         else:
             c_skip = c_skip_for(getattr(denoiser, "inner_model", None), sigma)
         nmask = getattr(denoiser, "nmask", None)  # set from p.nmask per pass; 1 = generated

@@ -20,8 +20,9 @@ functions put there are closures, which ``deepcopy`` keeps as they are) carrying
   copy of the sigmas taken before sampling starts (one read per run): ``uni_pc`` / ``uni_pc_bh2``
   (``comfy/extra_samplers/uni_pc.py``) set the last σ of the tensor they are given to 0.001 in
   place; no other sampler of ``comfy/samplers.py`` ``SAMPLER_NAMES`` writes to it.
-- **Per evaluation**: a post-CFG function on ``denoised`` (x0). The step window is the position of
-  the evaluation's σ in the run's sigmas: ``i`` = the last schedule index whose σ is ≥ it, of
+- **Per evaluation**: a post-CFG function on ``denoised`` (x0). The step window is the evaluation's
+  step in the run: ``i`` = the steps the sampler reported done through its callback (wrapped in
+  the ``sampler_sample`` wrapper; no read of the σ tensor per evaluation), of
   ``n = len(sigmas) − 1`` (progress ``i/(n−1)``, as the WebUIs' evaluation index). ComfyUI skips the
   uncond pass at CFG 1 (``uncond`` None, ``uncond_denoised`` zeros): QSilk reads neither.
 - **Entropy probe** (SD1.x/SD2/SDXL UNets): forward hooks on the probed ``attn1``'s ``to_q`` / ``to_k``
@@ -159,12 +160,16 @@ class ComfyRun:
         self.stabilizer = Stabilizer(settings)
         self.capture = AttentionCapture(settings, self.note)
         self.glue_errors = 0
-        # The schedule as it is before sampling (a sampler may change the tensor: uni_pc's last σ).
+        # The schedule as it is before sampling: one host read per run (a sampler may change the
+        # tensor: uni_pc's last σ), never one per evaluation.
         self._schedule: list[float] | None = None
         if isinstance(sigmas, torch.Tensor):
             self._schedule = [float(v) for v in sigmas.detach().float().cpu().reshape(-1)]
         #: The run ends at σ = 0 (no leftover noise): decided before sampling, from the copy.
         self.ends_at_zero = not self._schedule or self._schedule[-1] <= 0.0
+        self._steps_done: int | None = None  # steps the sampler reported done (its callback)
+        self._evaluations = 0
+        self._sigma_fallback = False  # the sampler reports no steps: σ is read per evaluation
         s = settings
         self._needs_position = s.step_start > 0.0 or s.step_end < 1.0
         self._mask = denoise_mask if isinstance(denoise_mask, torch.Tensor) else None
@@ -197,11 +202,35 @@ class ComfyRun:
         return self.stabilizer.in_window(*self._position_of(self.capture.evaluation_sigmas))
 
     def _position_of(self, sigma: Any) -> tuple[int | None, int | None]:
-        """(evaluation index, count) from σ; (None, None) when the window is the whole run (no
-        host sync then) or the schedule is unknown."""
+        """(evaluation index, count); (None, None) when the window is the whole run or the
+        schedule is unknown. The index is the sampler's own step counter (`step_callback`: the
+        steps it reported done), so σ — a device tensor — is not read back per evaluation; a
+        second-order sampler's extra evaluation after its step's report counts as the next step,
+        as in `step_of_sigma`. A sampler that reports no step by its third evaluation falls back to
+        σ's position in the schedule (one host read per evaluation, noted)."""
         if not self._needs_position or self._schedule is None or not isinstance(sigma, torch.Tensor):
             return None, None
+        n = len(self._schedule) - 1
+        if self._steps_done is not None or self._evaluations < 3:
+            return (min(self._steps_done or 0, n - 1), n) if n >= 1 else (None, None)
+        if not self._sigma_fallback:
+            self._sigma_fallback = True
+            self.note("this sampler reports no steps: the step window is placed by σ (one host read per "
+                      "evaluation)")
         return step_of_sigma(float(sigma.detach().reshape(-1)[0]), self._schedule)
+
+    def step_callback(self, callback: Any) -> Callable:
+        """The sampler callback to pass on: records the step the sampler reports done (ComfyUI's
+        ``KSAMPLER`` calls it after each step as ``callback(i, denoised, x, total_steps, …)``), then
+        calls the node's own callback, if any."""
+        def qsilk_step_callback(step, *args, **kwargs):
+            if isinstance(step, int):
+                self._steps_done = step + 1
+            if callback is not None:
+                return callback(step, *args, **kwargs)
+            return None
+
+        return qsilk_step_callback
 
     # -- per evaluation ---------------------------------------------------------------------------
     def post_cfg(self, args: Mapping[str, Any]) -> torch.Tensor:
@@ -215,6 +244,7 @@ class ComfyRun:
                           "(5-D) latents; passed through")
             return x0
         step, total = self._position_of(sigma)
+        self._evaluations += 1
         return self.stabilizer.post_cfg(x0, step, total, probe_map, sigma=sigma, nmask=fitting_mask(self._mask, x0))
 
     def finish(self, samples: Any) -> Any:
@@ -273,6 +303,7 @@ def _sampler_wrapper(state: _RunState) -> Callable:
                 run.release()
             return executor(*args, **kwargs)
         previous, state.run = state.run, run
+        args, kwargs = _with_arg(args, kwargs, 3, "callback", run.step_callback(_arg(args, kwargs, 3, "callback")))
         try:
             samples = executor(*args, **kwargs)
         finally:
@@ -292,6 +323,13 @@ def _sampler_wrapper(state: _RunState) -> Callable:
 
 def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
     return args[index] if len(args) > index else kwargs.get(name)
+
+
+def _with_arg(args: tuple, kwargs: dict, index: int, name: str, value: Any) -> tuple[tuple, dict]:
+    """`args` / `kwargs` with the argument at `index` (or keyword `name`) replaced by `value`."""
+    if len(args) > index:
+        return (*args[:index], value, *args[index + 1:]), kwargs
+    return args, {**kwargs, name: value}
 
 
 def _post_cfg_function(state: _RunState) -> Callable[[dict], torch.Tensor]:

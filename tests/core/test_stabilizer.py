@@ -19,18 +19,21 @@ from qsilk.stabilizer import (ALPHA_BAR_MIN, Stabilizer, eps_after_x0_change, ep
 
 
 class Recorder:
-    """Stand-ins for `micro_clamp` / `aqclip` that make a visible change and record their calls."""
+    """Stand-ins for the core's `clamp_unmasked` / `aqclip_unmasked` (what the Stabilizer calls:
+    `micro_clamp` / `aqclip` without their pass-through of non-finite samples, which the Stabilizer
+    does once) that make a visible change and record their calls."""
 
     def __init__(self):
         self.calls: list[tuple[str, torch.Tensor, dict]] = []
 
-    def micro_clamp(self, x, q_lo=0.001, q_hi=0.999, shape="hard", alpha=2.0, per_channel=False):
+    def clamp_unmasked(self, x, q_lo=0.001, q_hi=0.999, shape="hard", alpha=2.0, per_channel=False,
+                       out_dtype=None):
         self.calls.append(("qsilk", x, dict(q_lo=q_lo, q_hi=q_hi, shape=shape)))
-        return x.clamp(-1.0, 1.0)
+        return x.clamp(-1.0, 1.0), torch.ones(x.shape[0], dtype=torch.bool)
 
-    def aqclip(self, x, confidence=None, **kw):
+    def aqclip_unmasked(self, x, confidence=None, finite=None, return_maps=False, out_dtype=None, **kw):
         self.calls.append(("aqclip", x, dict(confidence=confidence, **kw)))
-        return x * 0.5
+        return x * 0.5, torch.ones(x.shape[0], dtype=torch.bool), None
 
     def names(self):
         return [c[0] for c in self.calls]
@@ -39,8 +42,8 @@ class Recorder:
 @pytest.fixture
 def rec(monkeypatch):
     r = Recorder()
-    monkeypatch.setattr(stab_mod, "micro_clamp", r.micro_clamp)
-    monkeypatch.setattr(stab_mod, "aqclip", r.aqclip)
+    monkeypatch.setattr(stab_mod, "clamp_unmasked", r.clamp_unmasked)
+    monkeypatch.setattr(stab_mod, "aqclip_unmasked", r.aqclip_unmasked)
     return r
 
 
@@ -310,8 +313,8 @@ def test_lite_mode_never_counts_fallbacks(rec):
 def test_post_cfg_never_raises(monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("kaput")
-    monkeypatch.setattr(stab_mod, "micro_clamp", boom)
-    monkeypatch.setattr(stab_mod, "aqclip", boom)
+    monkeypatch.setattr(stab_mod, "clamp_unmasked", boom)
+    monkeypatch.setattr(stab_mod, "aqclip_unmasked", boom)
     s = make()
     s.begin_pass()
     x = lat()

@@ -296,7 +296,12 @@ class KSAMPLER:
         model_k = KSamplerX0Inpaint(model_wrap, sigmas)
         model_k.latent_image, model_k.noise = latent_image, noise
         x = model_wrap.inner_model.model_sampling.noise_scaling(sigmas[0], noise, latent_image)
-        return self.sampler_function(model_k, x, sigmas, extra_args=extra_args, callback=callback, disable=disable_pbar)
+        k_callback = None
+        total_steps = len(sigmas) - 1
+        if callback is not None:  # KSAMPLER turns k-diffusion's dict payload into ComfyUI's arguments
+            k_callback = lambda d: callback(d["i"], d["denoised"], d["x"], total_steps)  # noqa: E731
+        return self.sampler_function(model_k, x, sigmas, extra_args=extra_args, callback=k_callback,
+                                     disable=disable_pbar)
 
 
 def prepare_mask(mask, shape):

@@ -374,7 +374,8 @@ def test_eps_conversion_is_exact_with_a_known_clamp(harness, webui, monkeypatch)
     """With the micro-clamp replaced by a plain clamp to ±0.5, DDIM's pred_x0 is that clamp of the
     unclamped x0 — the adapter's ε→x0→ε round trip loses nothing."""
     import qsilk.stabilizer as stab
-    monkeypatch.setattr(stab, "micro_clamp", lambda x, *a, **k: x.clamp(-0.5, 0.5))
+    monkeypatch.setattr(stab, "clamp_unmasked", lambda x, *a, **k: (x.clamp(-0.5, 0.5),
+                                                                   torch.ones(x.shape[0], dtype=torch.bool)))
     harness.txt2img(api_args(preset="Gentle"), **dict(SMALL, steps=4, sampler_name="DDIM"))
     spy = only_spy()
     for call, pred in zip(spy.calls, webui.log["ddim_pred_x0"]):

@@ -86,6 +86,35 @@ def test_step_window_with_heun_counts_the_extra_evaluation_as_the_next_step():
     assert changed == [True, True, True, False, False]
 
 
+def test_step_window_from_the_samplers_callback_never_reads_sigma(monkeypatch):
+    """The evaluation's step comes from the sampler's own step callback (issue #14): σ, a device
+    tensor on a GPU, is never read back per evaluation; the node's own callback still runs."""
+    reads, seen = [], []
+    monkeypatch.setattr(comfy, "step_of_sigma", lambda *a: reads.append(a) or (None, None))
+    patched, before, after = between(dc.sd15_like(), "Gentle", step_start=0.5)
+    original = dc.CFGGuider.sample
+
+    def with_callback(self, *args, **kwargs):
+        kwargs["callback"] = lambda step, x0, x, total: seen.append((step, total))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(dc.CFGGuider, "sample", with_callback)
+    dc.ksampler(patched, SD, steps=6)
+    assert [not torch.equal(b[0], a[0]) for b, a in zip(before, after)] == [False] * 3 + [True] * 3
+    assert reads == [] and seen == [(i, 6) for i in range(6)]
+
+
+def test_a_sampler_reporting_no_steps_falls_back_to_sigma_and_says_so(monkeypatch):
+    def silent_euler(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        return dc.sample_euler(model, x, sigmas, extra_args=extra_args, callback=None, disable=disable)
+
+    monkeypatch.setitem(dc.SAMPLERS, "silent", silent_euler)
+    patched, before, after = between(dc.sd15_like(), "Gentle", step_start=0.5)
+    dc.ksampler(patched, SD, steps=6, sampler_name="silent")
+    assert [not torch.equal(b[0], a[0]) for b, a in zip(before, after)] == [False] * 3 + [True] * 3
+    assert any("reports no steps" in n for n in comfy.last_report(patched)["notes"])
+
+
 def test_step_of_sigma():
     schedule = [14.6, 7.0, 2.0, 0.5, 0.0]
     assert [comfy.step_of_sigma(s, schedule) for s in schedule[:4]] == [(0, 4), (1, 4), (2, 4), (3, 4)]
