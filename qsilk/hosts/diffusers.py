@@ -1,0 +1,515 @@
+"""diffusers host adapter: QSilk on a diffusers pipeline object (no WebUI import).
+
+    >>> import qsilk                                             # doctest: +SKIP
+    >>> with qsilk.diffusers(pipe, preset="Balanced") as run:    # doctest: +SKIP
+    ...     image = pipe("a cat", num_inference_steps=20).images[0]
+    >>> run.report()["summary"]                                  # doctest: +SKIP
+
+Facts read from diffusers 0.42.1 (``pipelines/stable_diffusion*/``, ``pipelines/flux/``,
+``schedulers/``): every classic pipeline combines the guided prediction and calls
+``scheduler.step(noise_pred, t, latents, **extra_step_kwargs)``, and decides whether to pass
+``eta`` / ``generator`` from ``inspect.signature(scheduler.step)``.
+
+What is installed (nothing at all when the settings do nothing):
+
+- **On each attached pipeline's denoiser** (``unet`` or ``transformer``): a forward pre-hook.
+  At every evaluation it wraps whatever ``pipeline.scheduler`` is current (a host may replace the
+  scheduler for every pass, as SD.Next does) and starts a *pass* when the scheduler or its
+  ``timesteps`` tensor is new (``set_timesteps`` makes a new one for every pipeline call).
+- **On each scheduler seen**: an instance attribute ``step`` wrapping the bound method with
+  ``functools.wraps``, so ``inspect.signature`` still lists ``eta`` / ``generator``. It forms
+  ``x0 = a·s + b·m`` (`qsilk.hosts.diffusers_x0`), stabilises it (`Stabilizer.post_cfg`) and hands
+  the scheduler ``m' = m + (x0' − x0)/b`` — exactly the input where nothing changed. Flux's packed
+  ``(B, N, 64)`` tokens are unpacked to ``(B, 16, H, W)`` for this and packed back.
+- **Before decode** (``pre_decode``): on the last step of a schedule that ends at σ = 0, the
+  ``prev_sample`` the scheduler returns — the latent the pipeline decodes (after its own
+  ``callback_on_step_end`` and inpainting blend) — is stabilised (`Stabilizer.pre_decode`). A
+  truncated schedule (SDXL ``denoising_end`` handing over to a refiner) is left alone.
+- **Entropy probe** (UNet pipelines): forward hooks on the probed ``attn1``'s ``to_q`` / ``to_k``
+  (`EntropyProbe`); no attention processor is swapped, so PAG, IP-Adapter and the user's own
+  processors keep working. The cond rows follow the pipeline's CFG layout: ``[uncond; cond]`` when
+  ``do_classifier_free_guidance``, plus a third (perturbed) chunk with PAG.
+
+`detach` removes every hook and wrapper (idempotent; the ``with`` block calls it also when the
+pipeline raises or is interrupted). Nothing raises into the pipeline: a failure inside QSilk
+passes that evaluation through and is noted in the report.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..probe import EntropyProbe, find_probe_layer, probe_layer_factor
+from ..settings import DEFAULT_PRESET, Settings
+from ..stabilizer import Stabilizer
+from . import common
+from . import diffusers_x0 as x0t
+from .patcher import wants_probe
+
+log = logging.getLogger("qsilk")
+
+HOST = "diffusers"
+#: Labels a pass can get from ``pass_kind``: ``"hires"`` passes run only with the ``hires`` setting,
+#: ``"skip"`` passes are left alone (not counted).
+PASS_KINDS = ("base", "hires", "refiner", "skip")
+#: Attribute on QSilk's ``step`` wrapper: the run it belongs to.
+MARK = "_qsilk_diffusers"
+
+
+def attach(*pipes: Any, settings: Settings | None = None, preset: str | None = None, host: str = HOST,
+           pass_kind: Callable[[Any], str | None] | None = None, on_note: Callable[[str], None] | None = None,
+           echo: bool = True, **overrides: Any) -> "DiffusersRun":
+    """Attach QSilk to one or more diffusers pipelines (e.g. an SDXL base and its refiner).
+
+    Args:
+        pipes: pipeline objects, or zero-argument callables returning the current pipeline (a host
+            that swaps pipeline objects between passes); each needs a ``unet`` or ``transformer``
+            and a ``scheduler`` attribute.
+        settings: a `Settings`; else `preset` (default Balanced) with `overrides` (parameter names
+            of `qsilk.settings.PARAMS`, e.g. ``tile=48``). Bad values raise `SettingsError` here,
+            naming the field and its range — never inside the pipeline.
+        host: the name in the summary line (``QSilk (<host>): …``).
+        pass_kind: called with the pipeline at the start of each pass; returns one of
+            `PASS_KINDS` or None (``"base"``; ``"refiner"`` for pipelines after the first).
+        on_note: receives each user-visible note once, when it is made.
+        echo: print the summary line at `DiffusersRun.detach` (else log it at INFO).
+    Returns: a `DiffusersRun` (a context manager). With settings that do nothing, nothing is
+        installed and the pipelines run bit-identically.
+    """
+    if settings is None:
+        settings = Settings.from_preset(preset or DEFAULT_PRESET, **overrides)
+    elif preset is not None:
+        raise TypeError("QSilk: give either settings= or preset=, not both")
+    elif overrides:
+        settings = settings.replace(**overrides)
+    run = DiffusersRun(settings, host=host, pass_kind=pass_kind, on_note=on_note, echo=echo)
+    for pipe in pipes:
+        run.add_pipeline(pipe)
+    return run
+
+
+#: ``with qsilk.diffusers(pipe, preset="Balanced", tile=48) as run: image = pipe(...)``
+diffusers = attach
+
+
+def detach(run: "DiffusersRun") -> dict | None:
+    """`DiffusersRun.detach` as a function."""
+    return run.detach()
+
+
+@dataclass
+class _Pass:
+    """One sampler invocation: a scheduler object and its timesteps tensor."""
+    scheduler: Any
+    timesteps: Any
+    pipe: Any
+    kind: str
+    family: str | None
+    name: str
+    active: bool
+    total: int | None
+    count: int = 0
+    ended_at_zero: bool | None = None
+    grid: tuple[int, int] | None = None
+    eval_open: bool = False
+
+
+@dataclass
+class _Denoiser:
+    module: torch.nn.Module
+    pipe_of: Callable[[], Any]
+    index: int
+    probe: EntropyProbe | None = None
+    handles: list = field(default_factory=list)
+    img_ids: Any = None
+
+
+class DiffusersRun:
+    """QSilk attached to diffusers pipelines: one `Stabilizer` (one job), a pass per sampler run."""
+
+    def __init__(self, settings: Settings, *, host: str = HOST,
+                 pass_kind: Callable[[Any], str | None] | None = None,
+                 on_note: Callable[[str], None] | None = None, echo: bool = True):
+        self.settings = settings
+        self.host = host
+        self.pass_kind = pass_kind
+        self.on_note = on_note
+        self.echo = echo
+        self.stabilizer = Stabilizer(settings)
+        self.active = self.stabilizer.enabled
+        self.detached = False
+        self.glue_errors = 0
+        self.pass_kinds: list[str] = []
+        self.last_report: dict | None = None
+        self._pass: _Pass | None = None
+        self._denoisers: list[_Denoiser] = []
+        self._wrapped: list[tuple[Any, bool, Any, Callable]] = []  # scheduler, had_own, own, wrapper
+        self._warned: set[str] = set()
+        self._notes_sent = 0
+        self._wants_probe = wants_probe(settings)
+
+    # -- context manager ------------------------------------------------------------------------
+    def __enter__(self) -> "DiffusersRun":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.detach()
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def add_pipeline(self, pipe: Any) -> None:
+        """Attach to one more pipeline (a refiner, or a pipeline a host switches to)."""
+        if not self.active or self.detached:
+            return
+        pipe_of = pipe if callable(pipe) and not hasattr(pipe, "scheduler") else (lambda p=pipe: p)
+        current = pipe_of()
+        module = getattr(current, "unet", None) or getattr(current, "transformer", None)
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"QSilk: {type(current).__name__} has no `unet` or `transformer` module to attach to")
+        if any(d.module is module for d in self._denoisers):
+            return
+        den = _Denoiser(module, pipe_of, len(self._denoisers))
+        den.handles.append(module.register_forward_pre_hook(functools.partial(self._pre_hook, den),
+                                                            with_kwargs=True))
+        self._denoisers.append(den)
+        self._prepare_probe(den)
+        scheduler = getattr(current, "scheduler", None)
+        if scheduler is not None:
+            self._wrap(scheduler)
+
+    def _prepare_probe(self, den: _Denoiser) -> None:
+        if not self._wants_probe:
+            return
+        module, label = den.module, type(den.module).__name__
+        inner = getattr(module, "_orig_mod", None)
+        if isinstance(inner, torch.nn.Module):
+            self.note(f"{label}: a torch.compile'd denoiser; the attention probe may not see inside it "
+                      "(AQClip falls back to Lite where it gets no map)")
+            module = inner
+        found = find_probe_layer(module)
+        if found is None:
+            self.note(f"no UNet self-attention on this model ({type(module).__name__}): AQClip uses Lite "
+                      "confidence (the micro-clamp is unaffected)")
+            return
+        name, attn = found
+        if getattr(attn, "fused_projections", False):
+            self.note(f"{type(module).__name__}: fused QKV projections (to_q/to_k are not called); AQClip uses Lite")
+            return
+        den.probe = EntropyProbe(heads=self.settings.probe_heads, max_queries=self.settings.probe_queries)
+        den.probe.attach(attn, factor=probe_layer_factor(module, name))
+
+    def _wrap(self, scheduler: Any) -> None:
+        """Put QSilk's ``step`` on this scheduler object (once), keeping the signature."""
+        current = getattr(scheduler, "step", None)
+        if current is None or getattr(current, MARK, None) is self:
+            return
+        had_own = "step" in getattr(scheduler, "__dict__", {})
+        own = scheduler.__dict__.get("step") if had_own else None
+        wrapper = _step_wrapper(self, scheduler, current)
+        scheduler.step = wrapper
+        self._wrapped.append((scheduler, had_own, own, wrapper))
+
+    # -- notes, report, end -------------------------------------------------------------------------
+    def note(self, message: str) -> None:
+        """A user-visible note (report, console once, and `on_note`)."""
+        self.stabilizer.note(message)
+        self._send_notes()
+
+    def _send_notes(self) -> None:
+        notes = self.stabilizer.notes
+        while self._notes_sent < len(notes):
+            message = notes[self._notes_sent]
+            self._notes_sent += 1
+            if self.on_note is not None:
+                try:
+                    self.on_note(message)
+                except Exception:
+                    log.exception("QSilk: the on_note callback failed")
+
+    def glue_error(self, where: str, exc: BaseException) -> None:
+        self.glue_errors += 1
+        if self.glue_errors == 1:
+            log.exception("QSilk: error while %s on %s; QSilk passes through", where, self.host)
+        self.note(f"error while {where}, passed through: {exc}")
+
+    @property
+    def ended_at_zero(self) -> bool | None:
+        """Whether the latest pass ran to the end of a schedule ending at σ = 0 (then its output
+        was stabilised before decode here); False for a truncated one; None if unknown yet."""
+        return None if self._pass is None else self._pass.ended_at_zero
+
+    @property
+    def notes(self) -> list[str]:
+        return list(self.stabilizer.notes)
+
+    def report(self) -> dict:
+        """What QSilk did so far: `Stabilizer.report` plus ``host``, ``pass_kinds``, ``summary``
+        (the one-line summary) and ``enabled``. Reads device counters (one sync): not per step."""
+        rep = self.stabilizer.report()
+        self._send_notes()
+        rep.update(host=self.host, enabled=self.active, pass_kinds=list(self.pass_kinds),
+                   summary=common.summary_line(rep, self.host) if self.active else f"QSilk ({self.host}): off")
+        return rep
+
+    def detach(self) -> dict | None:
+        """Remove every hook and ``step`` wrapper; print (or log) the summary line once. Safe to
+        call again (returns the same report) and after the pipeline raised. None when QSilk was off."""
+        if self.detached:
+            return self.last_report
+        self.detached = True
+        self._release()
+        if not self.active:
+            return None
+        try:
+            self.last_report = self.report()
+            line = self.last_report["summary"]
+            print(line, flush=True) if self.echo else log.info("%s", line)
+        except Exception:
+            log.exception("QSilk: writing the run's summary failed")
+        return self.last_report
+
+    def _release(self) -> None:
+        for den in self._denoisers:
+            for handle in den.handles:
+                handle.remove()
+            den.handles.clear()
+            if den.probe is not None:
+                den.probe.detach()
+        self._denoisers.clear()
+        for scheduler, had_own, own, wrapper in reversed(self._wrapped):
+            if scheduler.__dict__.get("step") is wrapper:
+                if had_own:
+                    scheduler.step = own
+                else:
+                    del scheduler.__dict__["step"]
+        self._wrapped.clear()
+
+    # -- per evaluation: the denoiser's pre-hook ------------------------------------------------------
+    def _pre_hook(self, den: _Denoiser, module: Any, args: tuple, kwargs: dict) -> None:
+        if self.detached:
+            return None
+        try:
+            pipe = den.pipe_of()
+            scheduler = getattr(pipe, "scheduler", None)
+            if scheduler is not None:
+                self._wrap(scheduler)
+                self._sync_pass(scheduler, pipe, den)
+            if "img_ids" in kwargs:
+                den.img_ids = kwargs["img_ids"]
+            ps = self._pass
+            if den.probe is not None and ps is not None and ps.active and not ps.eval_open:
+                sample = args[0] if args else kwargs.get("sample")
+                if isinstance(sample, torch.Tensor) and sample.dim() == 4 and self.stabilizer.in_window(
+                        ps.count, ps.total):
+                    chunks, cond = _cfg_layout(pipe)
+                    den.probe.begin_evaluation(tuple(sample.shape[-2:]), sample.shape[0] // chunks,
+                                               functools.partial(_cond_rows, chunks, cond))
+                    ps.eval_open = True
+        except Exception as exc:
+            self.glue_error("preparing an evaluation", exc)
+        return None
+
+    def _sync_pass(self, scheduler: Any, pipe: Any, den: _Denoiser | None) -> _Pass:
+        """The current pass; a new one when the scheduler or its timesteps tensor changed."""
+        ps = self._pass
+        timesteps = getattr(scheduler, "timesteps", None)
+        if ps is not None and ps.scheduler is scheduler and ps.timesteps is timesteps:
+            return ps
+        index = den.index if den is not None else 0
+        kind = None
+        if self.pass_kind is not None:
+            try:
+                kind = self.pass_kind(pipe)
+            except Exception as exc:
+                self.glue_error("asking the pass kind", exc)
+        kind = kind or ("refiner" if index else "base")
+        if kind not in PASS_KINDS:
+            self.note(f"unknown pass kind {kind!r} (expected one of {', '.join(PASS_KINDS)}); treated as base")
+            kind = "base"
+        family, name = x0t.scheduler_family(scheduler)
+        total = _pass_length(pipe, scheduler)
+        active = kind != "skip" and family is not None
+        if kind != "skip":
+            self.pass_kinds.append(kind)
+            self.stabilizer.begin_pass(evaluations_per_step=2 if name in x0t.SECOND_ORDER else 1,
+                                       is_hires=kind == "hires")
+            if family is None:
+                self._warn_once(type(scheduler).__name__, name)
+        active = active and (self.settings.hires or kind != "hires")
+        self._pass = _Pass(scheduler, timesteps, pipe, kind, family, name if family else type(scheduler).__name__,
+                           active, total)
+        return self._pass
+
+    def _warn_once(self, key: str, reason: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self.note(f"scheduler {key}: {reason}; QSilk passes it through (no stabilisation)")
+
+    # -- per evaluation: the scheduler's step ----------------------------------------------------------
+    def step(self, scheduler: Any, original: Callable, args: tuple, kwargs: dict) -> Any:
+        """QSilk's ``scheduler.step``: stabilise x0, call the scheduler with ``m'``, pre-decode."""
+        try:
+            plan = self._plan(scheduler, args, kwargs)
+        except Exception as exc:
+            self.glue_error("stabilising an evaluation", exc)
+            plan = None
+        if plan is None:
+            return original(*args, **kwargs)
+        new_args, new_kwargs, ps, coeffs = plan
+        out = original(*new_args, **new_kwargs)
+        try:
+            return self._after_step(ps, scheduler, out, _arg(args, kwargs, 1, "timestep"))
+        except Exception as exc:
+            self.glue_error("stabilising before decode", exc)
+            return out
+
+    def _plan(self, scheduler: Any, args: tuple, kwargs: dict):
+        m, t, s = _arg(args, kwargs, 0, "model_output"), _arg(args, kwargs, 1, "timestep"), _arg(args, kwargs, 2, "sample")
+        if not (isinstance(m, torch.Tensor) and isinstance(s, torch.Tensor)):
+            return None
+        ps = self._sync_pass(scheduler, None, None)
+        i = ps.count
+        ps.count += 1
+        probe_map = self._take_map(ps)
+        if not ps.active:
+            return None
+        blocker = x0t.step_blocker(ps.family, ps.name, m, s, kwargs)
+        if blocker is not None:
+            self._warn_once(f"{ps.name} ({blocker})", "this step form is not covered")
+            return None
+        x0t.ensure_step_index(scheduler, t)
+        c = x0t.coefficients(scheduler, ps.family, ps.name, t, m)
+        if isinstance(c, str):
+            self._warn_once(f"{ps.name} ({c})", "no x0 formula")
+            return None
+        x0 = x0t.x0_of(c, s, m)
+        packed = x0.dim() == 3
+        img = self._unpack(ps, x0) if packed else x0
+        if img is None:
+            return None
+        if img.dim() not in (4, 5):
+            self._warn_once(f"{img.dim()}-D latent", "QSilk works on image (4-D) and video (5-D) latents")
+            return None
+        new = self.stabilizer.post_cfg(img, i, ps.total, probe_map)
+        if new is img:
+            return args, kwargs, ps, c
+        delta = new - img
+        m_new = x0t.write_back(m, c, x0t.pack_tokens(delta) if packed else delta)
+        return _with_arg(args, kwargs, 0, "model_output", m_new) + (ps, c)
+
+    def _take_map(self, ps: _Pass) -> torch.Tensor | None:
+        if not ps.eval_open:
+            return None
+        ps.eval_open = False
+        for den in self._denoisers:
+            if den.probe is not None and den.probe._active:
+                emap = den.probe.take_map()
+                if emap is None:
+                    self.note(f"attention map unavailable ({den.probe.last_failure or 'no capture'}); AQClip used Lite")
+                return emap
+        return None
+
+    def _unpack(self, ps: _Pass, x: torch.Tensor) -> torch.Tensor | None:
+        if ps.grid is None:
+            img_ids = next((d.img_ids for d in self._denoisers if d.img_ids is not None), None)
+            ps.grid = x0t.token_grid(x.shape[1], img_ids)
+        if ps.grid is None or x.shape[2] % 4:
+            self._warn_once(f"packed latent {tuple(x.shape)}", "its token grid is unknown")
+            return None
+        return x0t.unpack_tokens(x, ps.grid)
+
+    def _after_step(self, ps: _Pass, scheduler: Any, out: Any, timestep: Any) -> Any:
+        """On the last step of a schedule that ends at σ = 0: stabilise the returned latent."""
+        if not ps.active or ps.total is None or ps.count < ps.total:
+            return out
+        if ps.ended_at_zero is None:
+            ps.ended_at_zero = _ends_at_zero(scheduler, ps.family, timestep)
+        if not ps.ended_at_zero or self.settings.pre_decode == "off":
+            return out
+        prev = out[0] if isinstance(out, tuple) else getattr(out, "prev_sample", None)
+        if not isinstance(prev, torch.Tensor):
+            return out
+        img = self._unpack(ps, prev) if prev.dim() == 3 else prev
+        if img is None or img.dim() not in (4, 5):
+            return out
+        new = self.stabilizer.pre_decode(img)
+        if new is img:
+            return out
+        new = x0t.pack_tokens(new) if prev.dim() == 3 else new
+        if isinstance(out, tuple):
+            return (new.to(prev.dtype), *out[1:])
+        out.prev_sample = new.to(prev.dtype)
+        return out
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _step_wrapper(run: DiffusersRun, scheduler: Any, original: Callable) -> Callable:
+    ref = weakref.ref(run)
+
+    @functools.wraps(original)
+    def step(*args, **kwargs):
+        r = ref()
+        if r is None or r.detached:
+            return original(*args, **kwargs)
+        return r.step(scheduler, original, args, kwargs)
+
+    setattr(step, MARK, run)
+    return step
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
+    return args[index] if len(args) > index else kwargs.get(name)
+
+
+def _with_arg(args: tuple, kwargs: dict, index: int, name: str, value: Any) -> tuple[tuple, dict]:
+    if len(args) > index:
+        return (*args[:index], value, *args[index + 1:]), kwargs
+    return args, {**kwargs, name: value}
+
+
+def _pass_length(pipe: Any, scheduler: Any) -> int | None:
+    """Evaluations in this pass: the pipeline's loop length (``_num_timesteps``, set before its
+    loop), else the scheduler's timesteps from its begin index."""
+    n = getattr(pipe, "_num_timesteps", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None:
+        return None
+    return max(1, len(timesteps) - int(getattr(scheduler, "begin_index", None) or 0))
+
+
+def _ends_at_zero(scheduler: Any, family: str | None, timestep: Any) -> bool:
+    """After the pass's last step: did it run to the end of a schedule ending at σ = 0?
+
+    σ schedulers: the step index reached the end and the last σ is 0 (CPU reads). Timestep
+    schedulers (DDIM, DDPM, LCM, TCD): the step was the schedule's last timestep (one read)."""
+    if family == "alpha":
+        timesteps = getattr(scheduler, "timesteps", None)
+        if timesteps is None or not len(timesteps):
+            return False
+        return bool(torch.as_tensor(timestep).reshape(-1)[0].cpu() == timesteps[-1].cpu())
+    sigmas, index = getattr(scheduler, "sigmas", None), getattr(scheduler, "step_index", None)
+    if sigmas is None or index is None:
+        return False
+    return index >= len(sigmas) - 1 and float(sigmas[-1]) == 0.0
+
+
+def _cfg_layout(pipe: Any) -> tuple[int, int]:
+    """``(chunks, cond chunk)`` of the denoiser's batch: ``[uncond; cond]`` with CFG, a third
+    (perturbed) chunk with PAG, else one cond chunk."""
+    cfg = bool(getattr(pipe, "do_classifier_free_guidance", False))
+    pag = bool(getattr(pipe, "do_perturbed_attention_guidance", False))
+    return 1 + int(cfg) + int(pag), int(cfg)
+
+
+def _cond_rows(chunks: int, cond: int, rows: int) -> list[tuple[int, int, int]] | None:
+    if rows % chunks:
+        return None
+    b = rows // chunks
+    return [(cond * b + r, r, cond * b + r) for r in range(b)]
+

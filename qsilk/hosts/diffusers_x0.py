@@ -1,0 +1,228 @@
+"""x0 from what a diffusers scheduler's ``step`` receives, per scheduler class and prediction type.
+
+Every supported scheduler forms its x0 estimate from the (guided) model output ``m`` and the sample
+``s`` it is given as ``x0 = a·s + b·m`` with scalars ``a, b`` of the current step. Changing x0 to
+x0' is then exactly the model output ``m' = m + (x0' − x0)/b`` (`write_back`). Facts read from
+diffusers 0.42.1 ``schedulers/scheduling_*.py`` (each scheduler's ``step`` or
+``convert_model_output``); no diffusers module is imported here — schedulers are recognised by
+class name (a subclass counts only if it keeps the class's own ``step``).
+
+Families (σ below is ``scheduler.sigmas[step_index]``, a CPU tensor in every one of them):
+
+- ``"k"`` Euler, Euler a, Heun, LMS, DPM++ SDE (k-diffusion style, σ in VE units):
+  ε ``s − σ·m``; v ``s/(σ²+1) − σ/√(σ²+1)·m``; sample ``m``. Heun's interleaved sigmas make
+  ``sigmas[step_index]`` right on both of its calls; DPM++ SDE's second call uses the midpoint
+  ``√(σ_prev·σ)``.
+- ``"dpm"`` DPM++ multistep / singlestep, UniPC, DEIS: ``αₜ, σₜ = _sigma_to_alpha_sigma_t(σ)``;
+  ε ``(s − σₜ·m)/αₜ``; v ``αₜ·s − σₜ·m``; sample ``m``; flow ``s − σ·m``.
+- ``"alpha"`` DDIM, DDPM, LCM, TCD: ``ᾱ = alphas_cumprod[t]``; ε ``(s − √(1−ᾱ)·m)/√ᾱ``;
+  v ``√ᾱ·s − √(1−ᾱ)·m``; sample ``m`` (ᾱ is looked up on the model output's device: no sync).
+- ``"flow"`` FlowMatch Euler / Heun: ``s − σ·m``.
+
+Not covered (pass through): KDPM2 (its second call uses ``sigmas_interpol``), PNDM / IPNDM (the
+warm-up combines outputs), EDM schedulers (``precondition_outputs``), Euler / Heun with
+``s_churn > 0``, FlowMatch with per-token timesteps, DDPM with learned variance, unknown classes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+
+FAMILIES = {
+    "EulerDiscreteScheduler": "k", "EulerAncestralDiscreteScheduler": "k", "HeunDiscreteScheduler": "k",
+    "LMSDiscreteScheduler": "k", "DPMSolverSDEScheduler": "k",
+    "DPMSolverMultistepScheduler": "dpm", "DPMSolverSinglestepScheduler": "dpm",
+    "UniPCMultistepScheduler": "dpm", "DEISMultistepScheduler": "dpm",
+    "DDIMScheduler": "alpha", "DDPMScheduler": "alpha", "LCMScheduler": "alpha", "TCDScheduler": "alpha",
+    "FlowMatchEulerDiscreteScheduler": "flow", "FlowMatchHeunDiscreteScheduler": "flow",
+}
+#: Why a known scheduler is left alone (shown once, naming it).
+UNSUPPORTED = {
+    "KDPM2DiscreteScheduler": "its second evaluation uses interpolated sigmas",
+    "KDPM2AncestralDiscreteScheduler": "its second evaluation uses interpolated sigmas",
+    "PNDMScheduler": "its warm-up and PLMS steps combine several model outputs",
+    "IPNDMScheduler": "its steps combine several model outputs",
+    "EDMEulerScheduler": "EDM pre-conditioning (precondition_outputs) is not covered",
+    "EDMDPMSolverMultistepScheduler": "EDM pre-conditioning (precondition_outputs) is not covered",
+}
+#: Schedulers that evaluate the model twice per step (Heun-type).
+SECOND_ORDER = frozenset({"HeunDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "DPMSolverSDEScheduler"})
+
+
+class Coefficients(NamedTuple):
+    """``x0 = a·s + b·m``; Python floats, or 0-d float32 tensors on the model output's device."""
+    a: Any
+    b: Any
+
+
+def scheduler_family(scheduler: Any) -> tuple[str | None, str]:
+    """``(family, class name)``: the family of the first class in the scheduler's MRO that is in the
+    table and whose ``step`` the scheduler still uses; ``(None, reason)`` otherwise."""
+    cls = type(scheduler)
+    name = cls.__name__
+    for base in cls.__mro__:
+        family = FAMILIES.get(base.__name__)
+        if family is not None:
+            if getattr(cls, "step", None) is not getattr(base, "step", None):
+                return None, f"{name} overrides {base.__name__}.step"
+            return family, base.__name__
+        if base.__name__ in UNSUPPORTED:
+            return None, UNSUPPORTED[base.__name__]
+    return None, "not a scheduler QSilk knows (no x0 formula for it)"
+
+
+def prediction_type(scheduler: Any) -> str:
+    config = getattr(scheduler, "config", None)
+    value = getattr(config, "prediction_type", None)
+    if value is None and isinstance(config, dict):
+        value = config.get("prediction_type")
+    return str(value or "epsilon")
+
+
+def _cpu_float(v: Any) -> float | None:
+    """A CPU scalar as a Python float (no device sync); None for a device tensor."""
+    if isinstance(v, torch.Tensor):
+        return float(v) if v.device.type == "cpu" and v.numel() == 1 else None
+    return float(v)
+
+
+def _current_sigma(scheduler: Any, family: str, name: str) -> float | None:
+    index = getattr(scheduler, "step_index", None)
+    sigmas = getattr(scheduler, "sigmas", None)
+    if index is None or sigmas is None or not 0 <= index < len(sigmas):
+        return None
+    sigma = _cpu_float(sigmas[index])
+    if name == "DPMSolverSDEScheduler" and not getattr(scheduler, "state_in_first_order", True) and index > 0:
+        prev = _cpu_float(sigmas[index - 1])
+        sigma = None if prev is None or sigma is None else math.sqrt(prev * sigma)
+    return sigma
+
+
+def coefficients(scheduler: Any, family: str, name: str, timestep: Any,
+                 like: torch.Tensor) -> Coefficients | str:
+    """The step's ``(a, b)`` or, when there is none, a short reason (a string).
+
+    Must run before the scheduler's own ``step`` (its step index then points at this evaluation);
+    call ``ensure_step_index`` first."""
+    kind = prediction_type(scheduler)
+    if family == "alpha":
+        acp = getattr(scheduler, "alphas_cumprod", None)
+        if not isinstance(acp, torch.Tensor):
+            return "no alphas_cumprod"
+        if not isinstance(timestep, torch.Tensor):
+            abar = torch.as_tensor(float(acp[int(timestep)]), dtype=torch.float32, device=like.device)
+        else:
+            abar = acp.to(device=like.device, dtype=torch.float32)[timestep.to(like.device).long().reshape(())]
+        ra, rb = abar.sqrt(), (1 - abar).sqrt()
+        if kind == "epsilon":
+            # ᾱ → 0 (zero-terminal-SNR first step): b → −∞; the NaN guard in write_back passes it through
+            return Coefficients(1 / ra, -rb / ra)
+        if kind == "v_prediction":
+            return Coefficients(ra, -rb)
+        if kind == "sample":
+            return Coefficients(0.0, 1.0)
+        return f"prediction type {kind!r}"
+    sigma = _current_sigma(scheduler, family, name)
+    if sigma is None:
+        return "no current sigma (step index unknown or sigmas on the device)"
+    if family == "flow" or (family == "dpm" and kind == "flow_prediction"):
+        return Coefficients(1.0, -sigma)
+    if family == "k":
+        if kind == "epsilon":
+            return Coefficients(1.0, -sigma)
+        if kind == "v_prediction":
+            return Coefficients(1.0 / (sigma * sigma + 1.0), -sigma / math.sqrt(sigma * sigma + 1.0))
+        if kind in ("sample", "original_sample") and name not in ("EulerAncestralDiscreteScheduler",
+                                                                   "DPMSolverSDEScheduler"):
+            return Coefficients(0.0, 1.0)
+        return f"prediction type {kind!r}"
+    # dpm: α_t, σ_t from the scheduler's own conversion
+    alpha_t, sigma_t = scheduler._sigma_to_alpha_sigma_t(torch.tensor(sigma, dtype=torch.float64))
+    alpha_t, sigma_t = float(alpha_t), float(sigma_t)
+    if kind == "epsilon":
+        return Coefficients(1.0 / alpha_t, -sigma_t / alpha_t)
+    if kind == "v_prediction":
+        return Coefficients(alpha_t, -sigma_t)
+    if kind == "sample":
+        return Coefficients(0.0, 1.0)
+    return f"prediction type {kind!r}"
+
+
+def step_blocker(family: str, name: str, model_output: torch.Tensor, sample: torch.Tensor,
+                 kwargs: dict) -> str | None:
+    """Why this particular ``step`` call cannot be handled (churn, per-token timesteps, learned
+    variance), or None."""
+    churn = kwargs.get("s_churn", 0.0)
+    if isinstance(churn, (int, float)) and churn > 0:
+        return f"s_churn={churn} (stochastic churn re-noises before x0 is formed)"
+    if kwargs.get("per_token_timesteps") is not None:
+        return "per-token timesteps"
+    if family == "alpha" and model_output.dim() == sample.dim() and model_output.shape[1] == 2 * sample.shape[1]:
+        return "learned variance (the model output holds two predictions)"
+    if model_output.shape != sample.shape:
+        return f"model output {tuple(model_output.shape)} and sample {tuple(sample.shape)} differ in shape"
+    return None
+
+
+def ensure_step_index(scheduler: Any, timestep: Any) -> None:
+    """Set the scheduler's step index now if its ``step`` would set it first thing (the same call
+    the scheduler makes, ``_init_step_index(timestep)``; a no-op once it is set)."""
+    if getattr(scheduler, "step_index", 0) is None and callable(getattr(scheduler, "_init_step_index", None)):
+        scheduler._init_step_index(timestep)
+
+
+def x0_of(c: Coefficients, sample: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+    """``a·s + b·m`` in float32."""
+    return c.a * sample.to(torch.float32) + c.b * model_output.to(torch.float32)
+
+
+def write_back(model_output: torch.Tensor, c: Coefficients, delta: torch.Tensor) -> torch.Tensor:
+    """The model output whose x0 moved by `delta` (= x0' − x0): ``m' = m + delta/b``.
+
+    Computed in float32 and cast to m's dtype: where delta is 0 the value is exactly m (bf16 and
+    fp16 are exact in float32). A step with a non-finite or zero b gives m back unchanged."""
+    b = c.b
+    if isinstance(b, torch.Tensor):
+        ok = torch.isfinite(b) & (b != 0)
+        step = torch.where(ok, delta / torch.where(ok, b, torch.ones_like(b)), torch.zeros_like(delta))
+        return (model_output.to(torch.float32) + step).to(model_output.dtype)
+    if not math.isfinite(b) or b == 0:
+        return model_output
+    return (model_output.to(torch.float32) + delta / b).to(model_output.dtype)
+
+
+# -- Flux-style packed latents -----------------------------------------------------------------------
+def unpack_tokens(x: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """Packed 2×2-patch tokens ``(B, h·w, 4C)`` → a latent ``(B, C, 2h, 2w)``.
+
+    Token ``r·w + q`` holds latent pixel ``(2r + i, 2q + j)`` of channel c at feature ``4c + 2i + j``
+    (FluxPipeline's ``_pack_latents`` layout).
+
+    >>> x = torch.arange(16.).reshape(1, 1, 4, 4)
+    >>> bool((unpack_tokens(pack_tokens(x), (2, 2)) == x).all())
+    True
+    """
+    b, n, f = x.shape
+    h, w = grid_hw
+    return x.reshape(b, h, w, f // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, f // 4, 2 * h, 2 * w)
+
+
+def pack_tokens(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of `unpack_tokens`: ``(B, C, 2h, 2w)`` → ``(B, h·w, 4C)``."""
+    b, c, hh, ww = x.shape
+    h, w = hh // 2, ww // 2
+    return x.reshape(b, c, h, 2, w, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w, 4 * c)
+
+
+def token_grid(n_tokens: int, img_ids: Any = None) -> tuple[int, int] | None:
+    """The ``(h, w)`` token grid of a packed latent: from the transformer's ``img_ids`` (rows
+    ``(0, row, col)``; one host read per pass) when given, else square when `n_tokens` is a square."""
+    if isinstance(img_ids, torch.Tensor) and img_ids.dim() >= 2 and img_ids.shape[-2] >= n_tokens:
+        ids = img_ids.reshape(-1, img_ids.shape[-1])[:n_tokens]
+        w = int(ids[:, -1].max()) + 1
+        if w > 0 and n_tokens % w == 0:
+            return n_tokens // w, w
+    r = math.isqrt(n_tokens)
+    return (r, r) if r * r == n_tokens else None
