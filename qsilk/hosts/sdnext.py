@@ -163,8 +163,7 @@ def start_job(p: Any, settings: Settings) -> Job | None:
         return None
     holder: dict[str, Job] = {}
     run = qd.DiffusersRun(settings, host=HOST, pass_kind=lambda pipe: holder["job"].pass_kind(pipe),
-                          on_note=lambda message: common.add_note(p, message),
-                          echo=common.console_summary_wanted())
+                          on_note=lambda message: common.add_note(p, message), echo=False)
     run.stabilizer = stabilizer  # the job's own (Q-Sched pre-conditioner), before anything is attached
     job = holder["job"] = Job(p, settings, run)
     for note in stabilizer.notes:  # set-up notes (Q-Sched) in the infotext now; add_note keeps one copy
@@ -184,19 +183,15 @@ def before_hr(p: Any, job: Job | None) -> None:
 
 
 def end_job(p: Any, job: Job | None, processed: Any = None) -> dict | None:
-    """From ``postprocess()`` or `after_process`: detach, print the summary line, add the maps."""
+    """From ``postprocess()`` or `after_process`: detach, then the summary line (console or log,
+    per the settings page), the Show-maps images and the notes on ``processed``, as on A1111."""
     remove_refusal(p)
     if job is None:
         return None
     report = job.detach()
     if report is None:
         return None
-    if processed is not None:
-        images = getattr(processed, "images", None)
-        size = getattr(images[0], "size", None) if images else None
-        if job.settings.show_maps and job.stabilizer.last_maps and isinstance(size, tuple):
-            common.append_map_images(processed, job.stabilizer.last_maps, size)
-    return report
+    return common.present_report(report, job.stabilizer, processed, HOST)
 
 
 def after_process(p: Any) -> None:

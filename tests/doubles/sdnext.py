@@ -333,6 +333,7 @@ def set_diffuser_pipe(pipe, new_type):
 
 
 #: ``sd_samplers_diffusers.samplers_data_diffusers`` entries used here: name → (class, config changes).
+#: (LMSD is left out: diffusers needs scipy for it, which the project venv does not have.)
 SAMPLERS: dict[str, tuple[str, dict]] = {
     "Euler": ("EulerDiscreteScheduler", {}),
     "Euler a": ("EulerAncestralDiscreteScheduler", {}),
@@ -340,7 +341,6 @@ SAMPLERS: dict[str, tuple[str, dict]] = {
     "UniPC": ("UniPCMultistepScheduler", {}),
     "DDIM": ("DDIMScheduler", {}),
     "Heun": ("HeunDiscreteScheduler", {}),
-    "LMSD": ("LMSDiscreteScheduler", {}),
     "DEIS": ("DEISMultistepScheduler", {}),
     "LCM": ("LCMScheduler", {}),
     "PNDM": ("PNDMScheduler", {}),
@@ -443,6 +443,7 @@ def _call(model, args, job):
     state = S().shared.state
     state.job = job
     S().log["passes"].append((job, type(model).__name__, type(model.scheduler).__name__))
+    S().log["hooks_at_call"].append(S().hooks())
     return model(**args)
 
 
@@ -532,11 +533,16 @@ def process_refine(p, output):
 
 
 def process_decode(p, output):
-    """SD.Next decodes the final latent itself; the double keeps the latent (``output.images``)."""
+    """SD.Next decodes the final latent itself (``processing_vae.vae_decode``) into PIL images; the
+    latent it decoded is kept in ``log["decoded"]`` for exact comparisons."""
     if output is None or getattr(output, "images", None) is None:
         return []
-    S().log["decoded"].append(output.images.clone())
-    return list(output.images)
+    model = S().shared.sd_refiner if is_refiner_enabled(p) else S().shared.sd_model
+    latents = output.images
+    S().log["decoded"].append(latents.clone())
+    with torch.no_grad():
+        pixels = model.vae.decode(latents / model.vae.config.scaling_factor).sample
+    return model.image_processor.postprocess(pixels, output_type="pil")
 
 
 def process_diffusers(p):
@@ -642,7 +648,7 @@ def detailer_restore(sample, p):
     pc = copy.copy(p)
     pc.__class__ = StableDiffusionProcessingImg2Img
     pc.ops = list(p.ops) + ["detailer"]
-    pc.init_images = [sample.unsqueeze(0)]
+    pc.init_images = [S().log["decoded"][-1][:1]]  # the double's img2img takes the latent (no VAE encode)
     pc.enable_hr = False
     pc.detailer_enabled = False
     pc.keep_prompts = True
@@ -801,11 +807,11 @@ class SDNext:
         self.xyz_module = _make_xyz_module()
         self._saved: dict[str, Any] = {}
         model = tiny_pipeline(0)
-        model.sd_checkpoint_info = types.SimpleNamespace(name="tiny", title="tiny")
+        _set_defaults(model, "tiny")
         refiner_model = None
         if refiner:
             refiner_model = tiny_pipeline(1)
-            refiner_model.sd_checkpoint_info = types.SimpleNamespace(name="tiny-refiner", title="tiny-refiner")
+            _set_defaults(refiner_model, "tiny-refiner")
         self._build(model, refiner_model)
 
     def _build(self, model, refiner_model):
@@ -887,6 +893,13 @@ class SDNext:
 
     def callbacks(self, category: str) -> list:
         return [e.callback for e in self.script_callbacks.callback_map[f"callbacks_{category}"]]
+
+
+def _set_defaults(model, name: str) -> None:
+    """``sd_models.set_defaults`` at model load: checkpoint info and ``default_scheduler``, a deep
+    copy of the scheduler the model came with."""
+    model.sd_checkpoint_info = types.SimpleNamespace(name=name, title=name)
+    model.default_scheduler = copy.deepcopy(model.scheduler)
 
 
 def _input_accordion_class():
