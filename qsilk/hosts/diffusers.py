@@ -116,14 +116,14 @@ class _Pass:
     count: int = 0
     ended_at_zero: bool | None = None
     grid: tuple[int, int] | None = None
-    eval_open: bool = False
+    eval_probe: EntropyProbe | None = None  # the probe capturing the evaluation now running
 
 
 @dataclass
 class _Denoiser:
+    """One hooked denoiser module and the attached pipelines (indices into ``_pipes``) using it."""
     module: torch.nn.Module
-    pipe_of: Callable[[], Any]
-    index: int
+    pipes: list[int]
     probe: EntropyProbe | None = None
     handles: list = field(default_factory=list)
     img_ids: Any = None
@@ -148,6 +148,7 @@ class DiffusersRun:
         self.last_report: dict | None = None
         self._pass: _Pass | None = None
         self._denoisers: list[_Denoiser] = []
+        self._pipes: list[Callable[[], Any]] = []  # getters of the attached pipelines
         self._wrapped: list[tuple[Any, bool, Any, Callable]] = []  # scheduler, had_own, own, wrapper
         self._warned: set[str] = set()
         self._notes_sent = 0
@@ -167,19 +168,23 @@ class DiffusersRun:
             return
         pipe_of = pipe if callable(pipe) and not hasattr(pipe, "scheduler") else (lambda p=pipe: p)
         current = pipe_of()
-        module = getattr(current, "unet", None) or getattr(current, "transformer", None)
-        if not isinstance(module, torch.nn.Module):
+        module = _denoiser_of(current)
+        if module is None:
             raise TypeError(f"QSilk: {type(current).__name__} has no `unet` or `transformer` module to attach to")
-        if any(d.module is module for d in self._denoisers):
+        index = len(self._pipes)
+        self._pipes.append(pipe_of)
+        scheduler = getattr(current, "scheduler", None)
+        if scheduler is not None:
+            self._wrap(scheduler)
+        den = next((d for d in self._denoisers if d.module is module), None)
+        if den is not None:  # pipelines sharing one denoiser (from_pipe, shared components)
+            den.pipes.append(index)
             return
-        den = _Denoiser(module, pipe_of, len(self._denoisers))
+        den = _Denoiser(module, [index])
         den.handles.append(module.register_forward_pre_hook(functools.partial(self._pre_hook, den),
                                                             with_kwargs=True))
         self._denoisers.append(den)
         self._prepare_probe(den)
-        scheduler = getattr(current, "scheduler", None)
-        if scheduler is not None:
-            self._wrap(scheduler)
 
     def _prepare_probe(self, den: _Denoiser) -> None:
         if not self._wants_probe:
@@ -293,33 +298,47 @@ class DiffusersRun:
         if self.detached:
             return None
         try:
-            pipe = den.pipe_of()
-            scheduler = getattr(pipe, "scheduler", None)
-            if scheduler is not None:
+            ps = self._pass
+            fresh = None
+            for index in den.pipes:
+                pipe = self._pipes[index]()
+                scheduler = getattr(pipe, "scheduler", None)
+                if scheduler is None:
+                    continue
                 self._wrap(scheduler)
-                self._sync_pass(scheduler, pipe, den)
+                if fresh is None and not (ps is not None and ps.scheduler is scheduler
+                                          and ps.timesteps is getattr(scheduler, "timesteps", None)):
+                    fresh = (scheduler, pipe, index)
+            if fresh is not None:
+                ps = self._sync_pass(*fresh)
             if "img_ids" in kwargs:
                 den.img_ids = kwargs["img_ids"]
-            ps = self._pass
-            if den.probe is not None and ps is not None and ps.active and not ps.eval_open:
+            if den.probe is not None and ps is not None and ps.active and ps.eval_probe is None:
                 sample = args[0] if args else kwargs.get("sample")
                 if isinstance(sample, torch.Tensor) and sample.dim() == 4 and self.stabilizer.in_window(
                         ps.count, ps.total):
-                    chunks, cond = _cfg_layout(pipe)
+                    chunks, cond = _cfg_layout(ps.pipe)
                     den.probe.begin_evaluation(tuple(sample.shape[-2:]), sample.shape[0] // chunks,
                                                functools.partial(_cond_rows, chunks, cond))
-                    ps.eval_open = True
+                    ps.eval_probe = den.probe
         except Exception as exc:
             self.glue_error("preparing an evaluation", exc)
         return None
 
-    def _sync_pass(self, scheduler: Any, pipe: Any, den: _Denoiser | None) -> _Pass:
-        """The current pass; a new one when the scheduler or its timesteps tensor changed."""
+    def _sync_pass(self, scheduler: Any, pipe: Any = None, index: int | None = None) -> _Pass:
+        """The current pass; a new one when the scheduler or its timesteps tensor changed. Without
+        `pipe`, the attached pipeline using this scheduler (the first such)."""
         ps = self._pass
         timesteps = getattr(scheduler, "timesteps", None)
         if ps is not None and ps.scheduler is scheduler and ps.timesteps is timesteps:
             return ps
-        index = den.index if den is not None else 0
+        if pipe is None:
+            for i, pipe_of in enumerate(self._pipes):
+                candidate = pipe_of()
+                if getattr(candidate, "scheduler", None) is scheduler:
+                    pipe, index = candidate, i
+                    break
+        index = index or 0
         kind = None
         if self.pass_kind is not None:
             try:
@@ -371,7 +390,7 @@ class DiffusersRun:
         m, t, s = _arg(args, kwargs, 0, "model_output"), _arg(args, kwargs, 1, "timestep"), _arg(args, kwargs, 2, "sample")
         if not (isinstance(m, torch.Tensor) and isinstance(s, torch.Tensor)):
             return None
-        ps = self._sync_pass(scheduler, None, None)
+        ps = self._sync_pass(scheduler)
         i = ps.count
         ps.count += 1
         probe_map = self._take_map(ps)
@@ -402,16 +421,13 @@ class DiffusersRun:
         return _with_arg(args, kwargs, 0, "model_output", m_new) + (ps, c)
 
     def _take_map(self, ps: _Pass) -> torch.Tensor | None:
-        if not ps.eval_open:
+        probe, ps.eval_probe = ps.eval_probe, None
+        if probe is None:
             return None
-        ps.eval_open = False
-        for den in self._denoisers:
-            if den.probe is not None and den.probe._active:
-                emap = den.probe.take_map()
-                if emap is None:
-                    self.note(f"attention map unavailable ({den.probe.last_failure or 'no capture'}); AQClip used Lite")
-                return emap
-        return None
+        emap = probe.take_map()
+        if emap is None:
+            self.note(f"attention map unavailable ({probe.last_failure or 'no capture'}); AQClip used Lite")
+        return emap
 
     def _unpack(self, ps: _Pass, x: torch.Tensor) -> torch.Tensor | None:
         if ps.grid is None:
@@ -461,6 +477,14 @@ def _step_wrapper(run: DiffusersRun, scheduler: Any, original: Callable) -> Call
     return step
 
 
+def _denoiser_of(pipe: Any) -> torch.nn.Module | None:
+    for name in ("unet", "transformer"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    return None
+
+
 def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
     return args[index] if len(args) > index else kwargs.get(name)
 
@@ -484,10 +508,12 @@ def _pass_length(pipe: Any, scheduler: Any) -> int | None:
 
 
 def _ends_at_zero(scheduler: Any, family: str | None, timestep: Any) -> bool:
-    """After the pass's last step: did it run to the end of a schedule ending at σ = 0?
+    """After the pass's last step: did it run to the end of its schedule — σ = 0, or the model's
+    smallest σ where a scheduler ends there (DEIS, DDIM without ``set_alpha_to_one``) — so that its
+    output is the clean latent the pipeline decodes? A pass cut short (SDXL ``denoising_end``) did not.
 
-    σ schedulers: the step index reached the end and the last σ is 0 (CPU reads). Timestep
-    schedulers (DDIM, DDPM, LCM, TCD): the step was the schedule's last timestep (one read)."""
+    σ schedulers: the step index reached the last σ (a Python int). Timestep schedulers (DDIM, DDPM,
+    LCM, TCD): the step was the schedule's last timestep (one read, once per pass)."""
     if family == "alpha":
         timesteps = getattr(scheduler, "timesteps", None)
         if timesteps is None or not len(timesteps):
@@ -496,7 +522,7 @@ def _ends_at_zero(scheduler: Any, family: str | None, timestep: Any) -> bool:
     sigmas, index = getattr(scheduler, "sigmas", None), getattr(scheduler, "step_index", None)
     if sigmas is None or index is None:
         return False
-    return index >= len(sigmas) - 1 and float(sigmas[-1]) == 0.0
+    return index >= len(sigmas) - 1
 
 
 def _cfg_layout(pipe: Any) -> tuple[int, int]:

@@ -9,10 +9,9 @@ class name (a subclass counts only if it keeps the class's own ``step``).
 
 Families (σ below is ``scheduler.sigmas[step_index]``, a CPU tensor in every one of them):
 
-- ``"k"`` Euler, Euler a, Heun, LMS, DPM++ SDE (k-diffusion style, σ in VE units):
+- ``"k"`` Euler, Euler a, Heun, LMS (k-diffusion style, σ in VE units):
   ε ``s − σ·m``; v ``s/(σ²+1) − σ/√(σ²+1)·m``; sample ``m``. Heun's interleaved sigmas make
-  ``sigmas[step_index]`` right on both of its calls; DPM++ SDE's second call uses the midpoint
-  ``√(σ_prev·σ)``.
+  ``sigmas[step_index]`` right on both of its calls.
 - ``"dpm"`` DPM++ multistep / singlestep, UniPC, DEIS: ``αₜ, σₜ = _sigma_to_alpha_sigma_t(σ)``;
   ε ``(s − σₜ·m)/αₜ``; v ``αₜ·s − σₜ·m``; sample ``m``; flow ``s − σ·m``.
 - ``"alpha"`` DDIM, DDPM, LCM, TCD: ``ᾱ = alphas_cumprod[t]``; ε ``(s − √(1−ᾱ)·m)/√ᾱ``;
@@ -32,7 +31,7 @@ import torch
 
 FAMILIES = {
     "EulerDiscreteScheduler": "k", "EulerAncestralDiscreteScheduler": "k", "HeunDiscreteScheduler": "k",
-    "LMSDiscreteScheduler": "k", "DPMSolverSDEScheduler": "k",
+    "LMSDiscreteScheduler": "k",
     "DPMSolverMultistepScheduler": "dpm", "DPMSolverSinglestepScheduler": "dpm",
     "UniPCMultistepScheduler": "dpm", "DEISMultistepScheduler": "dpm",
     "DDIMScheduler": "alpha", "DDPMScheduler": "alpha", "LCMScheduler": "alpha", "TCDScheduler": "alpha",
@@ -46,9 +45,11 @@ UNSUPPORTED = {
     "IPNDMScheduler": "its steps combine several model outputs",
     "EDMEulerScheduler": "EDM pre-conditioning (precondition_outputs) is not covered",
     "EDMDPMSolverMultistepScheduler": "EDM pre-conditioning (precondition_outputs) is not covered",
+    "DPMSolverSDEScheduler": "its second evaluation uses a midpoint sigma (not covered yet)",
+    "CMStochasticIterativeScheduler": "consistency-model pre-conditioning is not covered",
 }
 #: Schedulers that evaluate the model twice per step (Heun-type).
-SECOND_ORDER = frozenset({"HeunDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "DPMSolverSDEScheduler"})
+SECOND_ORDER = frozenset({"HeunDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"})
 
 
 class Coefficients(NamedTuple):
@@ -93,11 +94,7 @@ def _current_sigma(scheduler: Any, family: str, name: str) -> float | None:
     sigmas = getattr(scheduler, "sigmas", None)
     if index is None or sigmas is None or not 0 <= index < len(sigmas):
         return None
-    sigma = _cpu_float(sigmas[index])
-    if name == "DPMSolverSDEScheduler" and not getattr(scheduler, "state_in_first_order", True) and index > 0:
-        prev = _cpu_float(sigmas[index - 1])
-        sigma = None if prev is None or sigma is None else math.sqrt(prev * sigma)
-    return sigma
+    return _cpu_float(sigmas[index])
 
 
 def coefficients(scheduler: Any, family: str, name: str, timestep: Any,
@@ -134,8 +131,7 @@ def coefficients(scheduler: Any, family: str, name: str, timestep: Any,
             return Coefficients(1.0, -sigma)
         if kind == "v_prediction":
             return Coefficients(1.0 / (sigma * sigma + 1.0), -sigma / math.sqrt(sigma * sigma + 1.0))
-        if kind in ("sample", "original_sample") and name not in ("EulerAncestralDiscreteScheduler",
-                                                                   "DPMSolverSDEScheduler"):
+        if kind in ("sample", "original_sample") and name != "EulerAncestralDiscreteScheduler":
             return Coefficients(0.0, 1.0)
         return f"prediction type {kind!r}"
     # dpm: α_t, σ_t from the scheduler's own conversion
