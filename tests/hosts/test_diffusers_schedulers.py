@@ -189,6 +189,8 @@ def _ab(name, scheduler, call, prediction):
     alpha_t, sigma_t = (float(v) for v in scheduler._sigma_to_alpha_sigma_t(sigma))
     if prediction == "epsilon":
         return 1 / alpha_t, sigma_t / alpha_t
+    if name == "DEISMultistepScheduler":  # the oracle recovers x0 from DEIS's stored ε: (s − σₜ·ε)/αₜ
+        return 1 / alpha_t, sigma_t
     return alpha_t, sigma_t
 
 
