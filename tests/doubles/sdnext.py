@@ -938,10 +938,14 @@ class Harness:
         self.last_p = p
         return process_images(p)
 
-    def api_txt2img(self, alwayson_scripts: dict | None = None, **kwargs) -> HTTPResult:
+    def api_img2img(self, alwayson_scripts: dict | None = None, **kwargs) -> HTTPResult:
+        """``POST /sdapi/v1/img2img`` (the double's init images are latents ``(1, 4, h, w)``)."""
+        return self.api_txt2img(alwayson_scripts, _cls=StableDiffusionProcessingImg2Img, **kwargs)
+
+    def api_txt2img(self, alwayson_scripts: dict | None = None, _cls=None, **kwargs) -> HTTPResult:
         """``POST /sdapi/v1/txt2img``: defaults + request args in ``script_args``, the request's args
         as sent in ``p.per_script_args``; an exception becomes the middleware's JSON error."""
-        p = StableDiffusionProcessingTxt2Img(scripts=self.runner, **kwargs)
+        p = (_cls or StableDiffusionProcessingTxt2Img)(scripts=self.runner, **kwargs)
         script_args = [0] + list(self.defaults)
         for name, obj in (alwayson_scripts or {}).items():
             if name.lower() != self.script.title().lower():

@@ -216,6 +216,21 @@ def test_detailer_passes_are_left_alone_and_do_not_end_the_job(harness, sdnext, 
     assert_clean(sdnext)
 
 
+def test_img2img_pass_is_stabilised_from_its_start_step(harness, sdnext, capsys):
+    torch.manual_seed(0)
+    init = torch.randn(1, 4, 8, 8)
+    off = harness.api_img2img(qsilk_args(enabled=False), sampler_name="Euler", init_images=[init],
+                              denoising_strength=0.5)
+    off_latent = sdnext.log["decoded"][-1]
+    on = harness.api_img2img(qsilk_args(enabled=True), sampler_name="Euler", init_images=[init],
+                             denoising_strength=0.5)
+    assert off.status == on.status == 200
+    assert sdnext.log["passes"][-1][1] == "StableDiffusionImg2ImgPipeline"
+    assert not torch.equal(off_latent, sdnext.log["decoded"][-1])
+    assert summaries(capsys) == [(1, 2)]  # 4 steps × strength 0.5
+    assert_clean(sdnext)
+
+
 def test_batches_share_one_job(harness, sdnext, capsys):
     harness.api_txt2img(qsilk_args(enabled=True), sampler_name="Euler", n_iter=2)
     assert summaries(capsys) == [(2, 8)]
