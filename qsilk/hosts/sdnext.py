@@ -90,6 +90,7 @@ class Job:
         self.run = run
         self.stabilizer = run.stabilizer
         self._cb_model_loaded = self._on_model_loaded
+        self._skipped: set[str] = set()
 
     # the pipelines, always the current objects (SD.Next replaces them between passes)
     @staticmethod
@@ -132,16 +133,23 @@ class Job:
         """``base`` / ``hires`` / ``refiner`` for this job's passes; ``skip`` for detailer passes and
         for pipeline calls of another processing object (nested processing by another script)."""
         current = running_p()
+        if nested_pass(current):
+            self._skip_note("detailer passes ran without QSilk (by design: a crop's statistics are not the image's)")
+            return "skip"
         if current is not None and current is not self.p:
+            self._skip_note("a pipeline call of another processing object (nested processing) was left alone")
             return "skip"
-        p = current if current is not None else self.p
-        if nested_pass(p):
-            return "skip"
+        p = self.p
         if getattr(p, "is_refiner_pass", False):
             return "refiner"
         if getattr(p, "is_hr_pass", False):
             return "hires"
         return "base"
+
+    def _skip_note(self, message: str) -> None:
+        if message not in self._skipped:
+            self._skipped.add(message)
+            self.run.note(message)
 
     def detach(self) -> dict | None:
         callbacks = _module("modules.script_callbacks")

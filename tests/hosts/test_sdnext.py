@@ -213,6 +213,7 @@ def test_detailer_passes_are_left_alone_and_do_not_end_the_job(harness, sdnext, 
     assert [job for job, _, _ in sdnext.log["passes"]] == ["Base", "Base"]  # base, then the detail pass
     assert summaries(capsys) == [(1, 4)]  # one job, the detail pass not stabilised
     assert "QSilk: v=1" in info_line(result)
+    assert "QSilk note: detailer passes ran without QSilk" in info_line(result)
     assert_clean(sdnext)
 
 
