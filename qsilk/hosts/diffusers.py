@@ -444,7 +444,11 @@ class DiffusersRun:
             return out
         if ps.ended_at_zero is None:
             ps.ended_at_zero = _ends_at_zero(scheduler, ps.family, timestep)
-        if not ps.ended_at_zero or self.settings.pre_decode == "off":
+        if self.settings.pre_decode == "off":
+            return out
+        if not ps.ended_at_zero:
+            self.note("a pass stopped with leftover noise (denoising_end): before-decode stabilisation is left to "
+                      "the pass that finishes it")
             return out
         prev = out[0] if isinstance(out, tuple) else getattr(out, "prev_sample", None)
         if not isinstance(prev, torch.Tensor):
