@@ -57,8 +57,14 @@ HOST = "diffusers"
 #: Labels a pass can get from ``pass_kind``: ``"hires"`` passes run only with the ``hires`` setting,
 #: ``"skip"`` passes are left alone (not counted).
 PASS_KINDS = ("base", "hires", "refiner", "skip")
-#: Attribute on QSilk's ``step`` wrapper: the run it belongs to.
+#: Attributes on QSilk's ``step`` wrapper: the run it belongs to, and ``(had_own, own)`` — whether
+#: the scheduler had its own instance ``step`` before, and which — to take it off exactly.
 MARK = "_qsilk_diffusers"
+RESTORE = "_qsilk_restore"
+
+#: Denoiser module → the run attached to it, so a new attachment replaces a stale one (a job whose
+#: end was never reached) instead of stacking a second stabiliser on the same pipeline.
+_ATTACHED: "weakref.WeakKeyDictionary[torch.nn.Module, DiffusersRun]" = weakref.WeakKeyDictionary()
 
 
 def attach(*pipes: Any, settings: Settings | None = None, preset: str | None = None, host: str = HOST,
@@ -117,6 +123,7 @@ class _Pass:
     ended_at_zero: bool | None = None
     grid: tuple[int, int] | None = None
     eval_probe: EntropyProbe | None = None  # the probe capturing the evaluation now running
+    cache: dict = field(default_factory=dict)  # per-pass device copies (alphas_cumprod)
 
 
 @dataclass
@@ -149,7 +156,7 @@ class DiffusersRun:
         self._pass: _Pass | None = None
         self._denoisers: list[_Denoiser] = []
         self._pipes: list[Callable[[], Any]] = []  # getters of the attached pipelines
-        self._wrapped: list[tuple[Any, bool, Any, Callable]] = []  # scheduler, had_own, own, wrapper
+        self._wrapped: list[tuple[Any, Callable]] = []  # (scheduler, QSilk's step on it)
         self._warned: set[str] = set()
         self._notes_sent = 0
         self._wants_probe = wants_probe(settings)
@@ -171,6 +178,10 @@ class DiffusersRun:
         module = _denoiser_of(current)
         if module is None:
             raise TypeError(f"QSilk: {type(current).__name__} has no `unet` or `transformer` module to attach to")
+        stale = _ATTACHED.get(module)
+        if stale is not None and stale is not self and not stale.detached:
+            log.warning("QSilk: an earlier attachment to this %s was still active; detaching it", type(module).__name__)
+            stale.detach()
         index = len(self._pipes)
         self._pipes.append(pipe_of)
         scheduler = getattr(current, "scheduler", None)
@@ -180,6 +191,7 @@ class DiffusersRun:
         if den is not None:  # pipelines sharing one denoiser (from_pipe, shared components)
             den.pipes.append(index)
             return
+        _ATTACHED[module] = self
         den = _Denoiser(module, [index])
         den.handles.append(module.register_forward_pre_hook(functools.partial(self._pre_hook, den),
                                                             with_kwargs=True))
@@ -215,8 +227,9 @@ class DiffusersRun:
         had_own = "step" in getattr(scheduler, "__dict__", {})
         own = scheduler.__dict__.get("step") if had_own else None
         wrapper = _step_wrapper(self, scheduler, current)
+        setattr(wrapper, RESTORE, (had_own, own))
         scheduler.step = wrapper
-        self._wrapped.append((scheduler, had_own, own, wrapper))
+        self._wrapped.append((scheduler, wrapper))
 
     # -- notes, report, end -------------------------------------------------------------------------
     def note(self, message: str) -> None:
@@ -279,18 +292,16 @@ class DiffusersRun:
 
     def _release(self) -> None:
         for den in self._denoisers:
+            if _ATTACHED.get(den.module) is self:
+                del _ATTACHED[den.module]
             for handle in den.handles:
                 handle.remove()
             den.handles.clear()
             if den.probe is not None:
                 den.probe.detach()
         self._denoisers.clear()
-        for scheduler, had_own, own, wrapper in reversed(self._wrapped):
-            if scheduler.__dict__.get("step") is wrapper:
-                if had_own:
-                    scheduler.step = own
-                else:
-                    del scheduler.__dict__["step"]
+        for scheduler, _ in reversed(self._wrapped):
+            _unwrap(scheduler)
         self._wrapped.clear()
 
     # -- per evaluation: the denoiser's pre-hook ------------------------------------------------------
@@ -401,7 +412,7 @@ class DiffusersRun:
             self._warn_once(f"{ps.name} ({blocker})", "this step form is not covered")
             return None
         x0t.ensure_step_index(scheduler, t)
-        c = x0t.coefficients(scheduler, ps.family, ps.name, t, m)
+        c = x0t.coefficients(scheduler, ps.family, ps.name, t, m, ps.cache)
         if isinstance(c, str):
             self._warn_once(f"{ps.name} ({c})", "no x0 formula")
             return None
@@ -479,6 +490,22 @@ def _step_wrapper(run: DiffusersRun, scheduler: Any, original: Callable) -> Call
 
     setattr(step, MARK, run)
     return step
+
+
+def _unwrap(scheduler: Any) -> None:
+    """Take every ``step`` of a detached QSilk run off the top of this scheduler (its own and stale
+    ones beneath it); another library's wrapper put on top of ours is left alone (ours under it
+    then passes through)."""
+    while True:
+        step = getattr(scheduler, "__dict__", {}).get("step")
+        run = getattr(step, MARK, None)
+        if run is None or not run.detached:
+            return
+        had_own, own = getattr(step, RESTORE)
+        if had_own:
+            scheduler.step = own
+        else:
+            del scheduler.__dict__["step"]
 
 
 def _denoiser_of(pipe: Any) -> torch.nn.Module | None:

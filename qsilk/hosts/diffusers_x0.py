@@ -29,6 +29,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ..stabilizer import ALPHA_BAR_MIN
+
 FAMILIES = {
     "EulerDiscreteScheduler": "k", "EulerAncestralDiscreteScheduler": "k", "HeunDiscreteScheduler": "k",
     "LMSDiscreteScheduler": "k",
@@ -53,9 +55,12 @@ SECOND_ORDER = frozenset({"HeunDiscreteScheduler", "FlowMatchHeunDiscreteSchedul
 
 
 class Coefficients(NamedTuple):
-    """``x0 = a·s + b·m``; Python floats, or 0-d float32 tensors on the model output's device."""
+    """``x0 = a·s + b·m``; Python floats, or 0-d float32 tensors on the model output's device.
+    `keep` (a 0-d bool tensor, or None for always): whether a change of x0 may be written back —
+    False on a zero-terminal-SNR step (ᾱ < `ALPHA_BAR_MIN`), where ε determines no x0."""
     a: Any
     b: Any
+    keep: Any = None
 
 
 def scheduler_family(scheduler: Any) -> tuple[str | None, str]:
@@ -98,11 +103,12 @@ def _current_sigma(scheduler: Any, family: str, name: str) -> float | None:
 
 
 def coefficients(scheduler: Any, family: str, name: str, timestep: Any,
-                 like: torch.Tensor) -> Coefficients | str:
+                 like: torch.Tensor, cache: dict | None = None) -> Coefficients | str:
     """The step's ``(a, b)`` or, when there is none, a short reason (a string).
 
     Must run before the scheduler's own ``step`` (its step index then points at this evaluation);
-    call ``ensure_step_index`` first."""
+    call ``ensure_step_index`` first. `cache` (one dict per pass) keeps ``alphas_cumprod`` on the
+    model output's device, so the ᾱ lookup is one device gather per step and no host read."""
     kind = prediction_type(scheduler)
     if family == "alpha":
         acp = getattr(scheduler, "alphas_cumprod", None)
@@ -111,11 +117,18 @@ def coefficients(scheduler: Any, family: str, name: str, timestep: Any,
         if not isinstance(timestep, torch.Tensor):
             abar = torch.as_tensor(float(acp[int(timestep)]), dtype=torch.float32, device=like.device)
         else:
-            abar = acp.to(device=like.device, dtype=torch.float32)[timestep.to(like.device).long().reshape(())]
-        ra, rb = abar.sqrt(), (1 - abar).sqrt()
+            cache = {} if cache is None else cache
+            key = (id(acp), like.device)
+            if key not in cache:
+                cache[key] = acp.to(device=like.device, dtype=torch.float32)
+            abar = cache[key][timestep.to(like.device).long().reshape(())]
         if kind == "epsilon":
-            # ᾱ → 0 (zero-terminal-SNR first step): b → −∞; the NaN guard in write_back passes it through
-            return Coefficients(1 / ra, -rb / ra)
+            # ᾱ → 0 (a zero-terminal-SNR schedule's first step): no x0; as `Stabilizer.post_cfg_eps`,
+            # x0 is formed with ᾱ clamped and the step's ε is kept as it is
+            safe = abar.clamp_min(ALPHA_BAR_MIN)
+            ra, rb = safe.sqrt(), (1 - safe).sqrt()
+            return Coefficients(1 / ra, -rb / ra, abar >= ALPHA_BAR_MIN)
+        ra, rb = abar.sqrt(), (1 - abar).sqrt()
         if kind == "v_prediction":
             return Coefficients(ra, -rb)
         if kind == "sample":
@@ -180,6 +193,8 @@ def write_back(model_output: torch.Tensor, c: Coefficients, delta: torch.Tensor)
     Computed in float32 and cast to m's dtype: where delta is 0 the value is exactly m (bf16 and
     fp16 are exact in float32). A step with a non-finite or zero b gives m back unchanged."""
     b = c.b
+    if c.keep is not None:
+        delta = torch.where(c.keep, delta, torch.zeros_like(delta))
     if isinstance(b, torch.Tensor):
         ok = torch.isfinite(b) & (b != 0)
         step = torch.where(ok, delta / torch.where(ok, b, torch.ones_like(b)), torch.zeros_like(delta))

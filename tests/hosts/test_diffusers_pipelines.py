@@ -354,3 +354,11 @@ def test_importing_qsilk_does_not_import_diffusers():
     code = "import sys, qsilk; qsilk.diffusers; print('diffusers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_second_attachment_replaces_a_stale_one(sd15):
+    reference_run = qd.attach(sd15, echo=False)
+    with qd.attach(sd15, echo=False) as run:
+        assert reference_run.detached
+        sd15(**dp.sd15_call())
+    assert run.last_report["evaluations"] == 4 and installed_nothing(sd15)

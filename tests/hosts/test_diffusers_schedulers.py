@@ -303,3 +303,22 @@ def test_token_grid_from_img_ids_and_from_a_square_count():
     assert x0t.token_grid(240, ids) == (12, 20)
     assert x0t.token_grid(256) == (16, 16)
     assert x0t.token_grid(240) is None
+
+
+def test_zero_terminal_snr_first_step_keeps_its_epsilon():
+    """DDIM with zero-terminal-SNR betas: ᾱ = 0 at t = 999, where ε determines no x0 (diffusers
+    itself then divides by zero). That step's model output reaches the scheduler unchanged."""
+    config = dict(SD_DDIM, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    plain = make_scheduler("DDIMScheduler", config, "epsilon")
+    plain_spy = StepSpy(plain)
+    drive(plain)
+    scheduler = make_scheduler("DDIMScheduler", config, "epsilon")
+    assert float(scheduler.alphas_cumprod[int(scheduler.timesteps[0])]) == 0.0
+    spy = StepSpy(scheduler)
+    seen = []
+    with qd.attach(fake_pipe(scheduler), settings=STRONG, echo=False) as run:
+        post_cfg = run.stabilizer.post_cfg
+        run.stabilizer.post_cfg = lambda x0, *a, **k: seen.append(x0) or post_cfg(x0, *a, **k)
+        drive(scheduler)
+    assert torch.isfinite(seen[0]).all()  # x0 formed with ᾱ clamped, as Stabilizer.post_cfg_eps does
+    assert torch.equal(spy.calls[0]["m"], plain_spy.calls[0]["m"])
