@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                               num_train_timesteps=1000, skip_prk_steps=True, set_alpha_to_one=False,
                               steps_offset=1)
     pipe = StableDiffusionPipeline(
-        vae=parts["vae"], text_encoder=parts["text"], tokenizer=CLIPTokenizer.from_pretrained(args.tokenizer),
+        vae=parts["vae"], text_encoder=parts["text"], tokenizer=CLIPTokenizer.from_pretrained(args.tokenizer, model_max_length=77),
         unet=parts["unet"], scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     if args.dtype == "fp16":
