@@ -36,8 +36,11 @@ passes that evaluation through and is noted in the report.
 """
 from __future__ import annotations
 
+import copy
 import functools
+import inspect
 import logging
+import types
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -69,7 +72,7 @@ _ATTACHED: "weakref.WeakKeyDictionary[torch.nn.Module, DiffusersRun]" = weakref.
 
 def attach(*pipes: Any, settings: Settings | None = None, preset: str | None = None, host: str = HOST,
            pass_kind: Callable[[Any], str | None] | None = None, on_note: Callable[[str], None] | None = None,
-           echo: bool = True, **overrides: Any) -> "DiffusersRun":
+           echo: bool = True, stabilizer: Stabilizer | None = None, **overrides: Any) -> "DiffusersRun":
     """Attach QSilk to one or more diffusers pipelines (e.g. an SDXL base and its refiner).
 
     Args:
@@ -84,6 +87,8 @@ def attach(*pipes: Any, settings: Settings | None = None, preset: str | None = N
             `PASS_KINDS` or None (``"base"``; ``"refiner"`` for pipelines after the first).
         on_note: receives each user-visible note once, when it is made.
         echo: print the summary line at `DiffusersRun.detach` (else log it at INFO).
+        stabilizer: a host's own `Stabilizer` for the job (e.g. with a Q-Sched pre-conditioner);
+            by default a new one from the settings.
     Returns: a `DiffusersRun` (a context manager). With settings that do nothing, nothing is
         installed and the pipelines run bit-identically.
     """
@@ -93,9 +98,13 @@ def attach(*pipes: Any, settings: Settings | None = None, preset: str | None = N
         raise TypeError("QSilk: give either settings= or preset=, not both")
     elif overrides:
         settings = settings.replace(**overrides)
-    run = DiffusersRun(settings, host=host, pass_kind=pass_kind, on_note=on_note, echo=echo)
-    for pipe in pipes:
-        run.add_pipeline(pipe)
+    run = DiffusersRun(settings, host=host, pass_kind=pass_kind, on_note=on_note, echo=echo, stabilizer=stabilizer)
+    try:
+        for pipe in pipes:
+            run.add_pipeline(pipe)
+    except BaseException:
+        run.detach(echo=False)
+        raise
     return run
 
 
@@ -141,13 +150,14 @@ class DiffusersRun:
 
     def __init__(self, settings: Settings, *, host: str = HOST,
                  pass_kind: Callable[[Any], str | None] | None = None,
-                 on_note: Callable[[str], None] | None = None, echo: bool = True):
+                 on_note: Callable[[str], None] | None = None, echo: bool = True,
+                 stabilizer: Stabilizer | None = None):
         self.settings = settings
         self.host = host
         self.pass_kind = pass_kind
         self.on_note = on_note
         self.echo = echo
-        self.stabilizer = Stabilizer(settings)
+        self.stabilizer = stabilizer if stabilizer is not None else Stabilizer(settings)
         self.active = self.stabilizer.enabled
         self.detached = False
         self.glue_errors = 0
@@ -222,12 +232,15 @@ class DiffusersRun:
     def _wrap(self, scheduler: Any) -> None:
         """Put QSilk's ``step`` on this scheduler object (once), keeping the signature."""
         current = getattr(scheduler, "step", None)
+        if isinstance(current, StepWrapper) and current.scheduler is not scheduler:
+            # a shallow copy of a wrapped scheduler carries that scheduler's wrapper: start afresh
+            del scheduler.__dict__["step"]
+            current = getattr(scheduler, "step", None)
         if current is None or getattr(current, MARK, None) is self:
             return
         had_own = "step" in getattr(scheduler, "__dict__", {})
         own = scheduler.__dict__.get("step") if had_own else None
-        wrapper = _step_wrapper(self, scheduler, current)
-        setattr(wrapper, RESTORE, (had_own, own))
+        wrapper = StepWrapper(self, scheduler, current, had_own, own)
         scheduler.step = wrapper
         self._wrapped.append((scheduler, wrapper))
 
@@ -273,9 +286,10 @@ class DiffusersRun:
                    summary=common.summary_line(rep, self.host) if self.active else f"QSilk ({self.host}): off")
         return rep
 
-    def detach(self) -> dict | None:
-        """Remove every hook and ``step`` wrapper; print (or log) the summary line once. Safe to
-        call again (returns the same report) and after the pipeline raised. None when QSilk was off."""
+    def detach(self, *, echo: bool | None = None) -> dict | None:
+        """Remove every hook and ``step`` wrapper; print (or log, `echo` False; default: the run's
+        `echo`) the summary line once. Safe to call again (returns the same report) and after the
+        pipeline raised. None when QSilk was off."""
         if self.detached:
             return self.last_report
         self.detached = True
@@ -285,7 +299,7 @@ class DiffusersRun:
         try:
             self.last_report = self.report()
             line = self.last_report["summary"]
-            print(line, flush=True) if self.echo else log.info("%s", line)
+            print(line, flush=True) if (self.echo if echo is None else echo) else log.info("%s", line)
         except Exception:
             log.exception("QSilk: writing the run's summary failed")
         return self.last_report
@@ -478,18 +492,41 @@ class DiffusersRun:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def _step_wrapper(run: DiffusersRun, scheduler: Any, original: Callable) -> Callable:
-    ref = weakref.ref(run)
+class StepWrapper:
+    """QSilk's ``step`` on one scheduler object (an instance attribute over the class's method).
 
-    @functools.wraps(original)
-    def step(*args, **kwargs):
-        r = ref()
-        if r is None or r.detached:
-            return original(*args, **kwargs)
-        return r.step(scheduler, original, args, kwargs)
+    Keeps the wrapped method's signature (``__signature__`` / ``__wrapped__``: pipelines read it to
+    pass ``eta`` / ``generator``). A ``copy.deepcopy`` of the scheduler (SD.Next keeps a deep copy
+    as its default scheduler) gets a plain ``step`` of its own — the copy's bound method, or a copy
+    of the instance ``step`` that was there before QSilk — never this wrapper, which would step the
+    original object's state."""
 
-    setattr(step, MARK, run)
-    return step
+    def __init__(self, run: DiffusersRun, scheduler: Any, original: Callable, had_own: bool, own: Any):
+        functools.update_wrapper(self, original)
+        self.__signature__ = inspect.signature(original)
+        self.scheduler = scheduler
+        self.original = original
+        setattr(self, MARK, run)
+        setattr(self, RESTORE, (had_own, own))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        run = getattr(self, MARK)
+        if run.detached:
+            return self.original(*args, **kwargs)
+        return run.step(self.scheduler, self.original, args, kwargs)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        had_own, own = getattr(self, RESTORE)
+        if had_own:
+            return copy.deepcopy(own, memo)
+        clone = memo.get(id(self.scheduler))
+        return self if clone is None else types.MethodType(type(clone).step, clone)
+
+    def __copy__(self) -> Any:
+        return self
+
+    def __repr__(self) -> str:
+        return f"<QSilk step of {self.original!r}>"
 
 
 def _unwrap(scheduler: Any) -> None:

@@ -322,3 +322,40 @@ def test_zero_terminal_snr_first_step_keeps_its_epsilon():
         drive(scheduler)
     assert torch.isfinite(seen[0]).all()  # x0 formed with ᾱ clamped, as Stabilizer.post_cfg_eps does
     assert torch.equal(spy.calls[0]["m"], plain_spy.calls[0]["m"])
+
+
+@pytest.mark.parametrize("when", ["attached", "detached"])
+def test_a_deep_copy_of_a_wrapped_scheduler_steps_itself(when):
+    """SD.Next keeps ``copy.deepcopy(model.scheduler)`` as its default scheduler. The copy must step
+    its own state (PNDM: its PLMS history) with QSilk attached or not, and keep no QSilk wrapper."""
+    reference = drive(make_scheduler("PNDMScheduler", dict(SD_BETAS, skip_prk_steps=True), None))
+    scheduler = make_scheduler("PNDMScheduler", dict(SD_BETAS, skip_prk_steps=True), None)
+    run = qd.attach(fake_pipe(scheduler), settings=STRONG, echo=False)
+    clone = copy.deepcopy(scheduler)
+    if when == "detached":
+        run.detach()
+    assert not isinstance(clone.__dict__.get("step"), qd.StepWrapper)
+    assert inspect.signature(clone.step) == inspect.signature(type(clone).step.__get__(clone))
+    assert torch.equal(drive(clone), reference)
+    run.detach()
+    assert "step" not in scheduler.__dict__
+
+
+def test_a_shallow_copy_of_a_wrapped_scheduler_is_rewrapped_for_itself():
+    scheduler = make_scheduler("EulerDiscreteScheduler", SD_BETAS, "epsilon")
+    with qd.attach(fake_pipe(scheduler), settings=STRONG, echo=False) as run:
+        clone = copy.copy(scheduler)
+        clone.set_timesteps(6)
+        run._wrap(clone)  # what the denoiser hook does for a pipeline's current scheduler
+        assert clone.step.scheduler is clone
+        drive(clone)
+        assert run.report()["evaluations"] == 6 and scheduler.step_index is None
+    assert "step" not in clone.__dict__ and "step" not in scheduler.__dict__
+
+
+def test_attach_failing_on_a_later_pipeline_leaves_nothing_installed():
+    scheduler = make_scheduler("EulerDiscreteScheduler", SD_BETAS, "epsilon")
+    pipe = fake_pipe(scheduler)
+    with pytest.raises(TypeError, match="unet"):
+        qd.attach(pipe, SimpleNamespace(scheduler=scheduler))
+    assert "step" not in scheduler.__dict__ and not pipe.unet._forward_pre_hooks
