@@ -170,9 +170,11 @@ def start_job(p: Any, settings: Settings) -> Job | None:
     if stabilizer is None:
         return None
     holder: dict[str, Job] = {}
-    run = qd.DiffusersRun(settings, host=HOST, pass_kind=lambda pipe: holder["job"].pass_kind(pipe),
-                          on_note=lambda message: common.add_note(p, message), echo=False)
-    run.stabilizer = stabilizer  # the job's own (Q-Sched pre-conditioner), before anything is attached
+    # no pipeline yet: Job.attach adds them one by one, so a refiner that cannot be hooked only
+    # costs the refiner passes; the job's stabilizer carries its Q-Sched pre-conditioner
+    run = qd.attach(settings=settings, stabilizer=stabilizer, host=HOST, echo=False,
+                    pass_kind=lambda pipe: holder["job"].pass_kind(pipe),
+                    on_note=lambda message: common.add_note(p, message))
     job = holder["job"] = Job(p, settings, run)
     for note in stabilizer.notes:  # set-up notes (Q-Sched) in the infotext now; add_note keeps one copy
         common.add_note(p, note)

@@ -277,3 +277,19 @@ def test_xyz_axes_run_one_job_per_cell(harness, sdnext, capsys):
     assert len(summaries(capsys)) == 2
     with pytest.raises(ValueError, match="preset"):
         d.run_xyz_cells(p, "[QSilk] Preset", ["Nope"])
+
+
+def test_a_scheduler_deep_copied_during_a_job_is_sound_after_it(harness, sdnext):
+    """SD.Next's create_sampler deep-copies the current scheduler when a model has no
+    ``default_scheduler`` yet: a copy taken while QSilk's ``step`` is on must step itself."""
+    model = sdnext.shared.sd_model
+    pristine = type(model.scheduler).from_config(model.scheduler.config)
+    model.default_scheduler = None
+    assert harness.api_txt2img(qsilk_args(enabled=True)).status == 200  # Default: the copy is made now
+    assert sdnext.log["errors"] == []
+    harness.without_script()  # Default again: a deep copy of that copy
+    after = sdnext.log["decoded"][-1]
+    model.default_scheduler = pristine
+    harness.without_script()
+    assert torch.equal(after, sdnext.log["decoded"][-1])
+    assert_clean(sdnext)
