@@ -65,6 +65,10 @@ PASS_KINDS = ("base", "hires", "refiner", "skip")
 MARK = "_qsilk_diffusers"
 RESTORE = "_qsilk_restore"
 
+#: Denoiser calls in a row without a step of a wrapped scheduler after which QSilk says it is missing
+#: steps (a pipeline makes at most 2–3 calls per step: separate CFG calls, skip-layer guidance).
+UNSEEN_CALLS = 8
+
 #: Denoiser module → the run attached to it, so a new attachment replaces a stale one (a job whose
 #: end was never reached) instead of stacking a second stabiliser on the same pipeline.
 _ATTACHED: "weakref.WeakKeyDictionary[torch.nn.Module, DiffusersRun]" = weakref.WeakKeyDictionary()
@@ -170,6 +174,7 @@ class DiffusersRun:
         self._warned: set[str] = set()
         self._notes_sent = 0
         self._wants_probe = wants_probe(settings)
+        self._calls_since_step = 0  # denoiser calls since the last step of a scheduler QSilk wrapped
 
     # -- context manager ------------------------------------------------------------------------
     def __enter__(self) -> "DiffusersRun":
@@ -269,8 +274,10 @@ class DiffusersRun:
 
     @property
     def ended_at_zero(self) -> bool | None:
-        """Whether the latest pass ran to the end of a schedule ending at σ = 0 (then its output
-        was stabilised before decode here); False for a truncated one; None if unknown yet."""
+        """Whether the latest pass ran to the end of its schedule — σ = 0, or a scheduler's final
+        σ_min (DEIS, DDIM without ``set_alpha_to_one``) — so that its output, stabilised before
+        decode here, is the latent the pipeline decodes; False for a pass cut short
+        (``denoising_end``); None until the pass's last step."""
         return None if self._pass is None else self._pass.ended_at_zero
 
     @property
@@ -323,6 +330,11 @@ class DiffusersRun:
         if self.detached:
             return None
         try:
+            self._calls_since_step += 1
+            if self._calls_since_step == UNSEEN_CALLS:
+                self.note(f"{type(module).__name__} ran {UNSEEN_CALLS} times without a scheduler step QSilk sees: "
+                          "a pipeline QSilk is not attached to shares this model (attach that pipeline too), "
+                          "or the scheduler is called some other way; those steps were not stabilised")
             ps = self._pass
             fresh = None
             for index in den.pipes:
@@ -396,6 +408,7 @@ class DiffusersRun:
     # -- per evaluation: the scheduler's step ----------------------------------------------------------
     def step(self, scheduler: Any, original: Callable, args: tuple, kwargs: dict) -> Any:
         """QSilk's ``scheduler.step``: stabilise x0, call the scheduler with ``m'``, pre-decode."""
+        self._calls_since_step = 0
         try:
             plan = self._plan(scheduler, args, kwargs)
         except Exception as exc:

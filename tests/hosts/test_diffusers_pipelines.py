@@ -362,3 +362,16 @@ def test_a_second_attachment_replaces_a_stale_one(sd15):
         assert reference_run.detached
         sd15(**dp.sd15_call())
     assert run.last_report["evaluations"] == 4 and installed_nothing(sd15)
+
+
+def test_a_pipeline_sharing_the_unet_but_not_attached_is_reported(sd15):
+    """``from_pipe``-style pipelines share the UNet; one with its own scheduler that QSilk was not
+    attached to runs unstabilised — and the report says so instead of staying silent."""
+    other = diffusers.StableDiffusionPipeline(**{**sd15.components, "scheduler": diffusers.EulerDiscreteScheduler.from_config(
+        sd15.scheduler.config)})
+    other.set_progress_bar_config(disable=True)
+    reference = other(**dp.sd15_call(num_inference_steps=10)).images
+    with qd.attach(sd15, echo=False) as run:
+        got = other(**dp.sd15_call(num_inference_steps=10)).images
+    assert torch.equal(got, reference)
+    assert any("without a scheduler step QSilk sees" in n for n in run.last_report["notes"])
