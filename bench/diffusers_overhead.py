@@ -4,8 +4,9 @@ Builds a random-weight ``StableDiffusionPipeline`` in code (no download) and tim
 step (``callback_on_step_end`` timestamps: UNet call, CFG, scheduler step, QSilk) without QSilk and
 with it (`qsilk.diffusers`), runs interleaved, median over steps × repeats. QSilk's own time is also
 clocked directly (CPU ops are synchronous): the step wrapper minus the scheduler's own ``step``,
-the denoiser pre-hook and the probe's ``to_q`` / ``to_k`` hooks — so a shared, noisy machine still
-gives its share of each step. The pipeline is the
+the denoiser pre-hook and the probe's ``to_q`` / ``to_k`` hooks. Every time is taken twice, by wall
+clock and by the thread's CPU time (``time.thread_time``; with ``--threads 1`` torch computes on the
+calling thread), so that a shared, loaded machine still gives QSilk's share of a step. The pipeline is the
 test suite's tiny SD1.5 layout (``--size tiny``) or the SD1.5 UNet's real widths (``--size sd15``,
 diffusers' default ``UNet2DConditionModel`` config: 860 M random parameters, slow on a CPU).
 
@@ -61,32 +62,36 @@ class Clock:
         from qsilk import probe as qp
         from qsilk.hosts import diffusers as qd
         self.seconds = 0.0
+        self.cpu = 0.0
         clock = self
         step, pre_hook, on_projection = qd.DiffusersRun.step, qd.DiffusersRun._pre_hook, qp.EntropyProbe._on_projection
 
         def timed_step(run, scheduler, original, args, kwargs):
-            inner = [0.0]
+            inner = [0.0, 0.0]
 
             def timed_original(*a, **k):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.thread_time()
                 try:
                     return original(*a, **k)
                 finally:
                     inner[0] += time.perf_counter() - t
+                    inner[1] += time.thread_time() - c
 
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             try:
                 return step(run, scheduler, timed_original, args, kwargs)
             finally:
                 clock.seconds += time.perf_counter() - t - inner[0]
+                clock.cpu += time.thread_time() - c - inner[1]
 
         def timed(fn):
             def wrapper(*a, **k):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.thread_time()
                 try:
                     return fn(*a, **k)
                 finally:
                     clock.seconds += time.perf_counter() - t
+                    clock.cpu += time.thread_time() - c
             return wrapper
 
         qd.DiffusersRun.step = timed_step
@@ -95,13 +100,13 @@ class Clock:
 
 
 def one_run(pipe, mode: dict | None, latent: int, steps: int, embeds: tuple,
-            clock: Clock) -> tuple[list[float], dict | None, float]:
+            clock: Clock) -> tuple[list[tuple[float, float]], dict | None, tuple[float, float]]:
     import qsilk
 
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []
 
     def stamp(p, i, t, kw):
-        stamps.append(time.perf_counter())
+        stamps.append((time.perf_counter(), time.thread_time()))
         return kw
 
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -109,18 +114,19 @@ def one_run(pipe, mode: dict | None, latent: int, steps: int, embeds: tuple,
                   height=latent * scale, width=latent * scale, guidance_scale=5.0, output_type="latent",
                   generator=torch.Generator().manual_seed(0), callback_on_step_end=stamp)
     report = None
-    clock.seconds = 0.0
+    clock.seconds = clock.cpu = 0.0
     with torch.inference_mode():
         if mode is None:
-            stamps.append(time.perf_counter())
+            stamps.append((time.perf_counter(), time.thread_time()))
             pipe(**kwargs)
         else:
             with qsilk.diffusers(pipe, echo=False, **mode) as run:
-                stamps.append(time.perf_counter())
+                stamps.append((time.perf_counter(), time.thread_time()))
                 pipe(**kwargs)
             report = run.last_report
     # the first interval includes the pipeline's set-up before its loop: keep steps 2…n
-    return [b - a for a, b in zip(stamps[1:], stamps[2:])], report, clock.seconds / steps
+    return ([(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps[1:], stamps[2:])], report,
+            (clock.seconds / steps, clock.cpu / steps))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,19 +159,22 @@ def main(argv: list[str] | None = None) -> int:
             own[name].append(per_step)
             if report is not None:
                 reports[name] = report
-    base = statistics.median(times["off"])
     print(f"diffusers {diffusers.__version__}, torch {torch.__version__}, {args.device}, {torch.get_num_threads()} "
           f"threads; {args.size} SD1.5-layout UNet, latent {args.latent}×{args.latent}, batch 1 with CFG (2 rows), "
-          f"Euler, {args.steps} steps × {args.repeats} runs (median per step, first step excluded)")
-    print(f"{'mode':24} {'step ms':>9} {'vs off':>8} {'QSilk ms/step':>14} {'QSilk share':>12}")
+          f"Euler, {args.steps} steps × {args.repeats} runs (median per step, first step excluded); wall / CPU time")
+    print(f"{'mode':24} {'step ms':>17} {'QSilk ms/step':>17} {'QSilk share':>13}")
     rows = []
     for name in MODES:
-        med = statistics.median(times[name])
-        mine = statistics.median(own[name])
+        step_wall = statistics.median(t[0] for t in times[name])
+        step_cpu = statistics.median(t[1] for t in times[name])
+        own_wall = statistics.median(o[0] for o in own[name])
+        own_cpu = statistics.median(o[1] for o in own[name])
         rep = reports.get(name)
-        rows.append({"mode": name, "step_ms": 1e3 * med, "ratio_to_off": med / base, "qsilk_ms_per_step": 1e3 * mine,
-                     "qsilk_share_of_step": mine / med, "attn_maps": rep["attn_maps"] if rep else 0})
-        print(f"{name:24} {1e3 * med:9.2f} {med / base:7.3f}× {1e3 * mine:14.2f} {100 * mine / med:11.1f}%")
+        rows.append({"mode": name, "step_ms_wall": 1e3 * step_wall, "step_ms_cpu": 1e3 * step_cpu,
+                     "qsilk_ms_wall": 1e3 * own_wall, "qsilk_ms_cpu": 1e3 * own_cpu,
+                     "attn_maps": rep["attn_maps"] if rep else 0})
+        print(f"{name:24} {1e3 * step_wall:8.1f} / {1e3 * step_cpu:6.1f} {1e3 * own_wall:8.2f} / {1e3 * own_cpu:6.2f} "
+              f"{100 * own_wall / step_wall:5.2f}% / {100 * own_cpu / max(step_cpu, 1e-9):5.2f}%")
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2))
     return 0
