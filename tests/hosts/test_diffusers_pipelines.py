@@ -375,3 +375,16 @@ def test_a_pipeline_sharing_the_unet_but_not_attached_is_reported(sd15):
         got = other(**dp.sd15_call(num_inference_steps=10)).images
     assert torch.equal(got, reference)
     assert any("without a scheduler step QSilk sees" in n for n in run.last_report["notes"])
+
+
+def test_a_compiled_unet_gets_a_note_and_the_probe_on_its_module(tmp_path):
+    """``torch.compile(unet)`` wraps the module; the probe hooks go on the original's layer and a
+    note says the compiled graph may not call them (not compiled here: that takes minutes on CPU)."""
+    pipe = dp.sd15(tmp_path)
+    original = pipe.unet
+    pipe.unet = torch.compile(original)
+    with qd.attach(pipe, echo=False) as run:
+        name, attn = find_probe_layer(original)
+        assert attn.to_q._forward_hooks and attn.to_k._forward_hooks
+        assert any("torch.compile" in n for n in run.notes)
+    assert not attn.to_q._forward_hooks and not pipe.unet._forward_pre_hooks

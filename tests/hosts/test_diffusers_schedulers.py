@@ -359,3 +359,49 @@ def test_attach_failing_on_a_later_pipeline_leaves_nothing_installed():
     with pytest.raises(TypeError, match="unet"):
         qd.attach(pipe, SimpleNamespace(scheduler=scheduler))
     assert "step" not in scheduler.__dict__ and not pipe.unet._forward_pre_hooks
+
+
+# -- properties of the pure pieces ------------------------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 3), c=st.integers(1, 5), h=st.integers(1, 6), w=st.integers(1, 6), seed=st.integers(0, 2 ** 16))
+def test_pack_then_unpack_is_the_identity(b, c, h, w, seed):
+    x = torch.randn(b, c, 2 * h, 2 * w, generator=torch.Generator().manual_seed(seed))
+    packed = x0t.pack_tokens(x)
+    assert packed.shape == (b, h * w, 4 * c)
+    assert torch.equal(x0t.unpack_tokens(packed, (h, w)), x)
+
+
+@settings(max_examples=60, deadline=None)
+@given(a=st.floats(0.05, 20.0), b=st.floats(-20.0, -0.01) | st.floats(0.01, 20.0),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 2 ** 16))
+def test_write_back_is_exact_where_nothing_changed_and_hits_x0_elsewhere(a, b, dtype, seed):
+    """Where x0' = x0 the output is m bit for bit; elsewhere ``a·s + b·m'`` equals x0' up to the
+    rounding of m' to its dtype (half an ulp of m' times |b|, plus float32 arithmetic)."""
+    g = torch.Generator().manual_seed(seed)
+    s, m = torch.randn(2, 4, 4, 4, generator=g).to(dtype), torch.randn(2, 4, 4, 4, generator=g).to(dtype)
+    c = x0t.Coefficients(a, b)
+    x0 = x0t.x0_of(c, s, m)
+    changed = torch.rand(x0.shape, generator=g) < 0.3
+    x0_new = torch.where(changed, x0.clamp(-0.5, 0.5), x0)
+    m_new = x0t.write_back(m, c, x0_new - x0)
+    assert m_new.dtype == m.dtype
+    assert torch.equal(m_new[~changed].view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       m[~changed].view(torch.int16 if dtype != torch.float32 else torch.int32))
+    got = a * s.double() + b * m_new.double()
+    ulp = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}[dtype]
+    tol = abs(b) * m_new.double().abs() * ulp + 1e-5 * (1 + x0_new.double().abs() + abs(a) * s.double().abs())
+    assert bool(((got - x0_new.double()).abs() <= tol)[changed].all())
+
+
+@settings(max_examples=30, deadline=None)
+@given(keep=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_write_back_keeps_epsilon_on_a_terminal_step(keep, seed):
+    g = torch.Generator().manual_seed(seed)
+    m, delta = torch.randn(1, 4, 3, 3, generator=g), torch.randn(1, 4, 3, 3, generator=g)
+    c = x0t.Coefficients(torch.tensor(3.0), torch.tensor(-2.0), torch.tensor(keep))
+    out = x0t.write_back(m, c, delta)
+    assert torch.equal(out, m) != keep
