@@ -16,12 +16,13 @@ What is installed (nothing at all when the settings do nothing):
   At every evaluation it wraps whatever ``pipeline.scheduler`` is current (a host may replace the
   scheduler for every pass, as SD.Next does) and starts a *pass* when the scheduler or its
   ``timesteps`` tensor is new (``set_timesteps`` makes a new one for every pipeline call).
-- **On each scheduler seen**: an instance attribute ``step`` wrapping the bound method with
-  ``functools.wraps``, so ``inspect.signature`` still lists ``eta`` / ``generator``. It forms
+- **On each scheduler seen**: an instance attribute ``step`` (`StepWrapper`) over the bound
+  method, keeping its signature, so ``inspect.signature`` still lists ``eta`` / ``generator``
+  (a deep copy of the scheduler gets a plain ``step`` of its own). It forms
   ``x0 = a·s + b·m`` (`qsilk.hosts.diffusers_x0`), stabilises it (`Stabilizer.post_cfg`) and hands
   the scheduler ``m' = m + (x0' − x0)/b`` — exactly the input where nothing changed. Flux's packed
   ``(B, N, 64)`` tokens are unpacked to ``(B, 16, H, W)`` for this and packed back.
-- **Before decode** (``pre_decode``): on the last step of a schedule that ends at σ = 0, the
+- **Before decode** (``pre_decode``): on the last step of a schedule run to its end, the
   ``prev_sample`` the scheduler returns — the latent the pipeline decodes (after its own
   ``callback_on_step_end`` and inpainting blend) — is stabilised (`Stabilizer.pre_decode`). A
   truncated schedule (SDXL ``denoising_end`` handing over to a refiner) is left alone.
@@ -32,7 +33,10 @@ What is installed (nothing at all when the settings do nothing):
 
 `detach` removes every hook and wrapper (idempotent; the ``with`` block calls it also when the
 pipeline raises or is interrupted). Nothing raises into the pipeline: a failure inside QSilk
-passes that evaluation through and is noted in the report.
+passes that evaluation through and is noted in the report. What QSilk cannot do says so once
+(`DiffusersRun.note`): a scheduler without an x0 formula, a DiT model (Lite), fused QKV, a
+compiled UNet, a model that keeps running without a step QSilk sees (a pipeline sharing the UNet
+that is not attached).
 """
 from __future__ import annotations
 
