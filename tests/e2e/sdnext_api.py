@@ -1,7 +1,7 @@
 """End-to-end check of QSilk on a running SD.Next through its HTTP API (outside pytest).
 
     python tests/e2e/sdnext_api.py --url http://127.0.0.1:7870 [--record-baseline FILE | --baseline FILE]
-        [--server-log FILE] [--all-samplers] [--quick]
+        [--server-log FILE] [--quick] [--samplers sweep|NAMES | --all-samplers] [--samplers-only]
 
 SD.Next (vladmandic/sdnext) started with ``launch.py --skip-all --api-only`` (or with its UI) and one
 diffusers model loaded (``tests/e2e/make_diffusers_folder.py`` writes a random-weight SD1.5 folder).
@@ -212,25 +212,46 @@ def run_checks(chk: Checker) -> None:
     chk.report(after.ok and any("preset=Balanced" in t for t in after.infotexts),
                "a valid request after the refused ones succeeds", "" if after.ok else after.error(), after.seconds)
 
-    if args.all_samplers:
-        all_samplers(chk, payload)
+    if args.all_samplers or args.samplers:
+        wanted = names(api, "/sdapi/v1/samplers") if args.all_samplers else (
+            list(SWEEP) if args.samplers == "sweep" else [n.strip() for n in args.samplers.split(",")])
+        sampler_sweep(chk, payload, wanted, args.server_log)
 
 
-def all_samplers(chk: Checker, payload: dict) -> None:
-    """Every sampler SD.Next lists: Balanced succeeds; either it changes the image or a QSilk note
-    says the scheduler was passed through."""
-    for sampler in names(chk.api, "/sdapi/v1/samplers"):
-        body = {**payload, "sampler_name": sampler, "steps": 3}
-        off = generate(chk, f"{sampler} off", body, OFF)
-        on = generate(chk, f"{sampler} Balanced", body, BALANCED)
-        if not (off.ok and on.ok):
-            chk.report(False, f"sampler {sampler!r}", (off.error() if not off.ok else on.error()), on.seconds)
+#: A sampler sweep of reasonable length: the classes QSilk has an x0 formula for, and a few it
+#: passes through (SD.Next lists about 120 samplers; ``--all-samplers`` runs every one).
+SWEEP = ("UniPC", "DDIM", "Euler", "Euler a", "Euler SGM", "Euler EDM", "Euler FlowMatch", "DPM++", "DPM++ 2M",
+         "DPM++ 3M", "DPM++ 1S", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M EDM", "DPM SDE", "Heun", "DEIS", "TCD",
+         "LCM", "DDPM", "LMSD", "PNDM", "IPNDM", "KDPM2", "DDIM Parallel", "SA Solver", "ER-SDE", "RES-Multistep 2M")
+
+
+def sampler_sweep(chk: Checker, payload: dict, wanted: list[str], log_path: str | None) -> None:
+    """One Balanced request per sampler (3 steps). Each must succeed and the job's console line
+    must show either stabilised evaluations or a note saying the scheduler was passed through.
+    Needs ``--server-log`` (the line is read from the log the request appended)."""
+    if not log_path:
+        chk.report(None, "sampler sweep", "needs --server-log")
+        return
+    offered = names(chk.api, "/sdapi/v1/samplers")
+    for sampler in wanted:
+        if sampler not in offered:
+            chk.report(None, f"sampler {sampler!r}", "not offered by this SD.Next")
             continue
-        changed = on.hashes != off.hashes
-        note = on.note()
-        chk.report(changed or "passes it through" in note or "scheduler" in note,
-                   f"sampler {sampler!r}: {'changed' if changed else 'unchanged'}",
-                   note[:200] if note else "", on.seconds)
+        with open(log_path, "rb") as f:
+            start = f.seek(0, 2)
+        r = generate(chk, f"{sampler} Balanced", {**payload, "sampler_name": sampler, "steps": 3}, BALANCED)
+        with open(log_path, "rb") as f:
+            f.seek(start)
+            lines = f.read().decode(errors="replace").splitlines()
+        found = [ln.strip() for ln in lines if "QSilk (sdnext):" in ln]
+        line = found[-1] if found else ""
+        m = re.search(r"(\d+) evaluation\(s\) stabilised", line)
+        evaluations = int(m.group(1)) if m else -1
+        passed_through = "passes it through" in line or "no x0 formula" in line or "not covered" in line
+        ok = r.ok and bool(found) and (evaluations > 0 or passed_through)
+        what = (f"{evaluations} evaluation(s) stabilised" if evaluations > 0 else "passed through") if found else ""
+        chk.report(ok, f"sampler {sampler!r}: {what}" if ok else f"sampler {sampler!r}",
+                   (line.split("s; ", 1)[-1][:160] if passed_through else "") if r.ok else r.error(), r.seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--url", default="http://127.0.0.1:7870")
     ap.add_argument("--quick", action="store_true", help="txt2img Euler and the invalid-argument checks only")
     ap.add_argument("--all-samplers", action="store_true", help="also every sampler /sdapi/v1/samplers lists")
+    ap.add_argument("--samplers", metavar="NAMES", help="also these samplers (comma-separated), or 'sweep' "
+                    "for a representative set; with --server-log")
+    ap.add_argument("--samplers-only", action="store_true", help="run only the sampler checks")
     ap.add_argument("--record-baseline", metavar="FILE", help="server runs WITHOUT QSilk: record image hashes")
     ap.add_argument("--baseline", metavar="FILE", help="hashes recorded with --record-baseline")
     ap.add_argument("--server-log", metavar="FILE", help="the server's console output, to find QSilk's line")
@@ -249,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.record_baseline:
         record_baseline(chk, args.record_baseline)
+    elif args.samplers_only:
+        payload = cases(chk.api, True)[0]["t2i_euler"]
+        wanted = names(chk.api, "/sdapi/v1/samplers") if args.all_samplers else (
+            list(SWEEP) if args.samplers in (None, "sweep") else [n.strip() for n in args.samplers.split(",")])
+        sampler_sweep(chk, payload, wanted, args.server_log)
     else:
         run_checks(chk)
         if args.server_log:
