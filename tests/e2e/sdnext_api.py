@@ -136,6 +136,22 @@ def record_baseline(chk: Checker, path: str) -> None:
     print(f"NOTE baseline written to {path}")
 
 
+def ui_checks(chk: Checker) -> None:
+    """The UI as Gradio describes it (``/config``): in both tabs a visible "Enable QSilk" checkbox
+    (SD.Next draws no InputAccordion header checkbox) inside the QSilk accordion."""
+    status, config, sec = chk.api.call("/config")
+    comps = config.get("components", []) if isinstance(config, dict) else []
+    for tab in ("txt2img", "img2img"):
+        found = [c for c in comps if str(c.get("props", {}).get("elem_id", "")).endswith(f"{tab}_qsilk_enabled")]
+        props = found[0].get("props", {}) if found else {}
+        ok = bool(found) and found[0].get("type") == "checkbox" and props.get("visible") is not False \
+            and props.get("label") == "Enable QSilk"
+        chk.report(ok, f"UI ({tab}): a visible 'Enable QSilk' checkbox",
+                   f"{found[0].get('type')} {props.get('elem_id')} label={props.get('label')!r} "
+                   f"visible={props.get('visible')} value={props.get('value')}" if found else f"HTTP {status}: not found",
+                   sec)
+
+
 def run_checks(chk: Checker) -> None:
     api, args = chk.api, chk.args
     baseline = {}
@@ -148,6 +164,7 @@ def run_checks(chk: Checker) -> None:
         listed = [s.lower() for s in scripts.get(tab, [])] if isinstance(scripts, dict) else []
         chk.report("qsilk" in listed, f"/sdapi/v1/scripts lists qsilk in {tab}",
                    "" if "qsilk" in listed else f"HTTP {status}: {str(scripts)[:300]}", sec)
+    ui_checks(chk)
 
     reqs, notes = cases(api, args.quick)
     for n in notes:
@@ -274,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.record_baseline:
         record_baseline(chk, args.record_baseline)
     elif args.samplers_only:
+        ui_checks(chk)
         payload = cases(chk.api, True)[0]["t2i_euler"]
         wanted = names(chk.api, "/sdapi/v1/samplers") if args.all_samplers else (
             list(SWEEP) if args.samplers in (None, "sweep") else [n.strip() for n in args.samplers.split(",")])

@@ -73,7 +73,7 @@ def test_controls_have_a_visible_on_off_checkbox(harness):
     import gradio as gr
     enabled = harness.components[0]
     assert len(harness.components) == len(PARAMS)
-    assert type(enabled) is gr.Checkbox and enabled.visible is not False
+    assert type(enabled) is gr.Checkbox and enabled.visible is not False and enabled.label == "Enable QSilk"
     assert not isinstance(enabled, d._input_accordion_class())
     assert harness.script.alwayson
 
