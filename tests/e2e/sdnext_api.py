@@ -150,6 +150,14 @@ def ui_checks(chk: Checker) -> None:
                    f"{found[0].get('type')} {props.get('elem_id')} label={props.get('label')!r} "
                    f"visible={props.get('visible')} value={props.get('value')}" if found else f"HTTP {status}: not found",
                    sec)
+    axes = set()
+    for c in comps:
+        for choice in c.get("props", {}).get("choices") or []:
+            label = choice[0] if isinstance(choice, (list, tuple)) else choice
+            if isinstance(label, str) and label.startswith("[QSilk]"):
+                axes.add(label)
+    chk.report({"[QSilk] Enabled", "[QSilk] Preset", "[QSilk] Tile size"} <= axes,
+               "UI: the XYZ grid offers QSilk axes", f"{len(axes)} axes, e.g. {sorted(axes)[:4]}")
 
 
 def run_checks(chk: Checker) -> None:
