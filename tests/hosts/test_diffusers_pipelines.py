@@ -388,3 +388,25 @@ def test_a_compiled_unet_gets_a_note_and_the_probe_on_its_module(tmp_path):
         assert attn.to_q._forward_hooks and attn.to_k._forward_hooks
         assert any("torch.compile" in n for n in run.notes)
     assert not attn.to_q._forward_hooks and not pipe.unet._forward_pre_hooks
+
+
+@pytest.mark.parametrize("variant", ["v_prediction", "bfloat16"])
+def test_v_prediction_and_bfloat16_pipelines(tmp_path, variant):
+    """An SD 2.x-style v-prediction scheduler, and the whole pipeline in bfloat16: pass-through
+    stays bit-identical, Balanced changes the image and stays finite."""
+    pipe = dp.sd15(tmp_path)
+    if variant == "v_prediction":
+        pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config,
+                                                                      prediction_type="v_prediction")
+    else:
+        pipe.to(torch.bfloat16)
+    reference = pipe(**dp.sd15_call()).images
+    with qd.attach(pipe, echo=False) as run:
+        run.stabilizer.post_cfg = lambda x0, *a, **k: x0.clone()
+        run.stabilizer.pre_decode = lambda x, *a, **k: x.clone()
+        same = pipe(**dp.sd15_call()).images
+    with qd.attach(pipe, echo=False) as run:
+        changed = pipe(**dp.sd15_call()).images
+    assert torch.equal(same, reference)
+    assert torch.isfinite(changed.float()).all() and not torch.equal(changed, reference)
+    assert run.last_report["evaluations"] == 4 and run.last_report["errors"] == 0
