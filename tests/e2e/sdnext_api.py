@@ -201,6 +201,8 @@ def run_checks(chk: Checker) -> None:
         if name == "t2i_default_scheduler":  # SD1.5's PNDM: passed through, said so in the infotext
             chk.report("PNDM" in on.note(), f"{name}: the default PNDM scheduler is named in a QSilk note",
                        on.note() or "no note")
+            chk.report(on.hashes == off.hashes, f"{name}: passed through = the off image, bit for bit",
+                       f"{on.hashes} vs off {off.hashes}")
             continue
         chk.report(all(a != b for a, b in zip(on.hashes, off.hashes)), f"{name}: Balanced changes the pixels",
                    f"{on.hashes} vs off {off.hashes}")
