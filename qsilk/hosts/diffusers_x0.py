@@ -190,18 +190,20 @@ def x0_of(c: Coefficients, sample: torch.Tensor, model_output: torch.Tensor) -> 
 def write_back(model_output: torch.Tensor, c: Coefficients, delta: torch.Tensor) -> torch.Tensor:
     """The model output whose x0 moved by `delta` (= x0' − x0): ``m' = m + delta/b``.
 
-    Computed in float32 and cast to m's dtype: where delta is 0 the value is exactly m (bf16 and
-    fp16 are exact in float32). A step with a non-finite or zero b gives m back unchanged."""
+    Computed in float32 and cast to m's dtype; where delta is 0 the element is m's own, bit for bit
+    (``-0.0`` included). A step with a non-finite or zero b, or `keep` False, gives m's values back.
+    No host read: b may be a device tensor."""
     b = c.b
     if c.keep is not None:
         delta = torch.where(c.keep, delta, torch.zeros_like(delta))
     if isinstance(b, torch.Tensor):
         ok = torch.isfinite(b) & (b != 0)
-        step = torch.where(ok, delta / torch.where(ok, b, torch.ones_like(b)), torch.zeros_like(delta))
-        return (model_output.to(torch.float32) + step).to(model_output.dtype)
-    if not math.isfinite(b) or b == 0:
+        delta = torch.where(ok, delta, torch.zeros_like(delta))
+        b = torch.where(ok, b, torch.ones_like(b))
+    elif not math.isfinite(b) or b == 0:
         return model_output
-    return (model_output.to(torch.float32) + delta / b).to(model_output.dtype)
+    m = model_output.to(torch.float32)
+    return torch.where(delta == 0, m, m + delta / b).to(model_output.dtype)
 
 
 # -- Flux-style packed latents -----------------------------------------------------------------------

@@ -383,6 +383,7 @@ def test_write_back_is_exact_where_nothing_changed_and_hits_x0_elsewhere(a, b, d
     rounding of m' to its dtype (half an ulp of m' times |b|, plus float32 arithmetic)."""
     g = torch.Generator().manual_seed(seed)
     s, m = torch.randn(2, 4, 4, 4, generator=g).to(dtype), torch.randn(2, 4, 4, 4, generator=g).to(dtype)
+    m[0, 0, 0, :2] = torch.tensor([-0.0, 0.0], dtype=dtype)  # signed zeros must survive too
     c = x0t.Coefficients(a, b)
     x0 = x0t.x0_of(c, s, m)
     changed = torch.rand(x0.shape, generator=g) < 0.3
