@@ -476,7 +476,8 @@ class DiffusersRun:
             img_ids = next((d.img_ids for d in self._denoisers if d.img_ids is not None), None)
             ps.grid = x0t.token_grid(x.shape[1], img_ids)
         if ps.grid is None or x.shape[2] % 4:
-            self._warn_once(f"packed latent {tuple(x.shape)}", "its token grid is unknown")
+            self.note(f"packed latent {tuple(x.shape)} without Flux-style img_ids: its layout is unknown, "
+                      "so QSilk passes these steps through")
             return None
         return x0t.unpack_tokens(x, ps.grid)
 

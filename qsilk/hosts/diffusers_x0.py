@@ -230,12 +230,14 @@ def pack_tokens(x: torch.Tensor) -> torch.Tensor:
 
 
 def token_grid(n_tokens: int, img_ids: Any = None) -> tuple[int, int] | None:
-    """The ``(h, w)`` token grid of a packed latent: from the transformer's ``img_ids`` (rows
-    ``(0, row, col)``; one host read per pass) when given, else square when `n_tokens` is a square."""
-    if isinstance(img_ids, torch.Tensor) and img_ids.dim() >= 2 and img_ids.shape[-2] >= n_tokens:
-        ids = img_ids.reshape(-1, img_ids.shape[-1])[:n_tokens]
-        w = int(ids[:, -1].max()) + 1
-        if w > 0 and n_tokens % w == 0:
-            return n_tokens // w, w
-    r = math.isqrt(n_tokens)
-    return (r, r) if r * r == n_tokens else None
+    """The ``(h, w)`` token grid of a Flux-style packed latent, from the ``img_ids`` the pipeline
+    gives its transformer: rows ``(0, row, col)`` for the generated tokens first (Kontext appends its
+    reference image's rows after them). One host read per pass. None without such ids, or when they
+    do not describe an ``h × w`` grid of `n_tokens` — other packings (LTX, Flux.2, Qwen-Image) are
+    not unpacked.
+    """
+    if not (isinstance(img_ids, torch.Tensor) and img_ids.dim() >= 2 and img_ids.shape[-1] == 3
+            and img_ids.reshape(-1, 3).shape[0] >= n_tokens):
+        return None
+    h, w = (int(v) + 1 for v in img_ids.reshape(-1, 3)[:n_tokens, 1:].amax(0).tolist())
+    return (h, w) if h * w == n_tokens else None

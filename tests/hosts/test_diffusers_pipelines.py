@@ -410,3 +410,4 @@ def test_v_prediction_and_bfloat16_pipelines(tmp_path, variant):
     assert torch.equal(same, reference)
     assert torch.isfinite(changed.float()).all() and not torch.equal(changed, reference)
     assert run.last_report["evaluations"] == 4 and run.last_report["errors"] == 0
+

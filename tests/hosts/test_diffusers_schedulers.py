@@ -298,11 +298,13 @@ def test_flux_token_packing_matches_the_pipeline(hw):
     assert torch.equal(x0t.unpack_tokens(packed, (h // 2, w // 2)), unpacked)
 
 
-def test_token_grid_from_img_ids_and_from_a_square_count():
+def test_token_grid_comes_from_flux_image_ids_only():
     ids = diffusers.FluxPipeline._prepare_latent_image_ids(1, 12, 20, torch.device("cpu"), torch.float32)
     assert x0t.token_grid(240, ids) == (12, 20)
-    assert x0t.token_grid(256) == (16, 16)
-    assert x0t.token_grid(240) is None
+    kontext = torch.cat([ids, ids + torch.tensor([1.0, 0.0, 0.0])])  # reference-image rows appended
+    assert x0t.token_grid(240, kontext) == (12, 20)
+    assert x0t.token_grid(256) is None  # no ids: another packing (LTX, Flux.2 …) is not guessed
+    assert x0t.token_grid(240, torch.zeros(240, 4)) is None and x0t.token_grid(190, ids) is None
 
 
 def test_zero_terminal_snr_first_step_keeps_its_epsilon():
@@ -406,3 +408,21 @@ def test_write_back_keeps_epsilon_on_a_terminal_step(keep, seed):
     c = x0t.Coefficients(torch.tensor(3.0), torch.tensor(-2.0), torch.tensor(keep))
     out = x0t.write_back(m, c, delta)
     assert torch.equal(out, m) != keep
+
+
+def test_packed_latents_without_flux_ids_pass_through_with_a_note():
+    """A (B, N, F) latent from a transformer that got no Flux ``img_ids`` (LTX-, Flux.2-style
+    packings) is not guessed at: the steps pass through unchanged, with a note."""
+    def run_flow(scheduler):
+        g = torch.Generator().manual_seed(0)
+        s = torch.randn(1, 256, 8, generator=g)
+        for t in scheduler.timesteps:
+            s = scheduler.step(torch.randn(1, 256, 8, generator=g), t, s).prev_sample
+        return s
+
+    reference = run_flow(make_scheduler("FlowMatchEulerDiscreteScheduler", {}, None))
+    scheduler = make_scheduler("FlowMatchEulerDiscreteScheduler", {}, None)
+    with qd.attach(fake_pipe(scheduler), settings=STRONG, echo=False) as run:
+        got = run_flow(scheduler)
+    assert torch.equal(got, reference) and run.last_report["evaluations"] == 0
+    assert any("without Flux-style img_ids" in n for n in run.last_report["notes"])
