@@ -411,3 +411,20 @@ def test_v_prediction_and_bfloat16_pipelines(tmp_path, variant):
     assert torch.isfinite(changed.float()).all() and not torch.equal(changed, reference)
     assert run.last_report["evaluations"] == 4 and run.last_report["errors"] == 0
 
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_dit_img2img_pipelines(family):
+    """SD3 / Flux img2img (the scheduler's begin index set by the pipeline): only the remaining
+    steps are counted, the pass runs to σ = 0 and is stabilised before decode."""
+    base = dp.sd3() if family == "sd3" else dp.flux()
+    cls = diffusers.StableDiffusion3Img2ImgPipeline if family == "sd3" else diffusers.FluxImg2ImgPipeline
+    pipe = cls(**base.components)
+    pipe.set_progress_bar_config(disable=True)
+    call = dp.sd3_call if family == "sd3" else dp.flux_call
+    kwargs = call(image=torch.rand(1, 3, 32, 48 if family == "flux" else 32), strength=0.5)
+    with qd.attach(pipe, settings=Settings.from_preset("Balanced", pre_decode="always"), echo=False) as run:
+        out = pipe(**kwargs).images
+    report = run.last_report
+    assert torch.isfinite(out).all() and report["errors"] == 0
+    assert report["evaluations"] == 2 and report["pre_decodes"] == 1 and run.ended_at_zero is True
