@@ -308,9 +308,8 @@ class DiffusersRun:
         if not self.active:
             return None
         try:
-            self.last_report = self.report()
-            line = self.last_report["summary"]
-            print(line, flush=True) if (self.echo if echo is None else echo) else log.info("%s", line)
+            self.last_report = common.present_report(self.report(), self.stabilizer, None, self.host,
+                                                     echo=self.echo if echo is None else echo)
         except Exception:
             log.exception("QSilk: writing the run's summary failed")
         return self.last_report
