@@ -239,10 +239,11 @@ def run_checks(chk: Checker) -> None:
     chk.report(after.ok and any("preset=Balanced" in t for t in after.infotexts),
                "a valid request after the refused ones succeeds", "" if after.ok else after.error(), after.seconds)
 
+    interrupt_check(chk, payload, args.server_log)
     if args.all_samplers or args.samplers:
         wanted = names(api, "/sdapi/v1/samplers") if args.all_samplers else (
             list(SWEEP) if args.samplers == "sweep" else [n.strip() for n in args.samplers.split(",")])
-        sampler_sweep(chk, payload, wanted, args.server_log)
+        sampler_sweep(chk, payload, wanted, args.server_log, args.sweep_steps)
 
 
 #: A sampler sweep of reasonable length: the classes QSilk has an x0 formula for, and a few it
@@ -252,8 +253,8 @@ SWEEP = ("UniPC", "DDIM", "Euler", "Euler a", "Euler SGM", "Euler EDM", "Euler F
          "LCM", "DDPM", "LMSD", "PNDM", "IPNDM", "KDPM2", "DDIM Parallel", "SA Solver", "ER-SDE", "RES-Multistep 2M")
 
 
-def sampler_sweep(chk: Checker, payload: dict, wanted: list[str], log_path: str | None) -> None:
-    """One Balanced request per sampler (3 steps). Each must succeed and the job's console line
+def sampler_sweep(chk: Checker, payload: dict, wanted: list[str], log_path: str | None, steps: int = 3) -> None:
+    """One Balanced request per sampler (`steps` steps). Each must succeed and the job's console line
     must show either stabilised evaluations or a note saying the scheduler was passed through.
     Needs ``--server-log`` (the line is read from the log the request appended)."""
     if not log_path:
@@ -266,7 +267,7 @@ def sampler_sweep(chk: Checker, payload: dict, wanted: list[str], log_path: str 
             continue
         with open(log_path, "rb") as f:
             start = f.seek(0, 2)
-        r = generate(chk, f"{sampler} Balanced", {**payload, "sampler_name": sampler, "steps": 3}, BALANCED)
+        r = generate(chk, f"{sampler} Balanced", {**payload, "sampler_name": sampler, "steps": steps}, BALANCED)
         with open(log_path, "rb") as f:
             f.seek(start)
             lines = f.read().decode(errors="replace").splitlines()
@@ -281,6 +282,38 @@ def sampler_sweep(chk: Checker, payload: dict, wanted: list[str], log_path: str 
                    (line.split("s; ", 1)[-1][:160] if passed_through else "") if r.ok else r.error(), r.seconds)
 
 
+def interrupt_check(chk: Checker, payload: dict, log_path: str | None) -> None:
+    """Interrupt a Balanced job mid-way (``/sdapi/v1/interrupt``): SD.Next then skips
+    ``postprocess``; QSilk must still report the job (from ``after_process``) and leave nothing
+    behind — the next off request gives the off image of before, bit for bit."""
+    import threading
+
+    before = generate(chk, "interrupt: off before", payload, OFF)
+    start = 0
+    if log_path:
+        with open(log_path, "rb") as f:
+            start = f.seek(0, 2)
+    box: dict = {}
+    job = threading.Thread(target=lambda: box.update(r=generate(chk, "interrupt: Balanced, 12 steps",
+                                                                   {**payload, "steps": 12}, BALANCED)))
+    job.start()
+    time.sleep(max(3.0, before.seconds / 2))
+    status, _, _ = chk.api.call("/sdapi/v1/interrupt", {})
+    job.join()
+    r = box["r"]
+    chk.report(status in (200, 204) and r.status == 200, "interrupt: the interrupted Balanced request returns",
+               f"interrupt HTTP {status}, request HTTP {r.status}", r.seconds)
+    if log_path:
+        with open(log_path, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+        found = [ln.strip() for ln in text.splitlines() if "QSilk (sdnext):" in ln]
+        chk.report(bool(found), "interrupt: the job is still reported (after_process)", found[-1] if found else "none")
+    after = generate(chk, "interrupt: off after", payload, OFF)
+    chk.report(before.ok and after.ok and after.hashes == before.hashes,
+               "interrupt: the next off request is bit-identical to the one before", f"{after.hashes} vs {before.hashes}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", default="http://127.0.0.1:7870")
@@ -289,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samplers", metavar="NAMES", help="also these samplers (comma-separated), or 'sweep' "
                     "for a representative set; with --server-log")
     ap.add_argument("--samplers-only", action="store_true", help="run only the sampler checks")
+    ap.add_argument("--interrupt-only", action="store_true", help="run only the interrupt check")
+    ap.add_argument("--sweep-steps", type=int, default=3, help="steps per sampler-sweep request (default 3; "
+                    "SD.Next's PNDM sampler fails at 3 steps with or without QSilk: use 4)")
     ap.add_argument("--record-baseline", metavar="FILE", help="server runs WITHOUT QSilk: record image hashes")
     ap.add_argument("--baseline", metavar="FILE", help="hashes recorded with --record-baseline")
     ap.add_argument("--server-log", metavar="FILE", help="the server's console output, to find QSilk's line")
@@ -300,12 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.record_baseline:
         record_baseline(chk, args.record_baseline)
+    elif args.interrupt_only:
+        interrupt_check(chk, cases(chk.api, True)[0]["t2i_euler"], args.server_log)
     elif args.samplers_only:
         ui_checks(chk)
         payload = cases(chk.api, True)[0]["t2i_euler"]
         wanted = names(chk.api, "/sdapi/v1/samplers") if args.all_samplers else (
             list(SWEEP) if args.samplers in (None, "sweep") else [n.strip() for n in args.samplers.split(",")])
-        sampler_sweep(chk, payload, wanted, args.server_log)
+        sampler_sweep(chk, payload, wanted, args.server_log, args.sweep_steps)
     else:
         run_checks(chk)
         if args.server_log:
