@@ -188,8 +188,9 @@ def build_controls(gr: Any, *, enabled: bool, values: dict[str, Any],
         outer = gr.Accordion(label=enabled_param.label, open=bool(enabled), elem_id=elem_id("accordion"))
 
     with outer:
-        if accordion is None:
-            by_name["enabled"] = _component(gr, enabled_param, enabled, elem_id)
+        if accordion is None:  # the switch is a visible checkbox, first in the accordion
+            by_name["enabled"] = gr.Checkbox(value=bool(enabled), label=ENABLE_LABEL, info=enabled_param.help,
+                                             elem_id=elem_id("enabled"))
         with gr.Row():
             for name in TOP_ROW:
                 by_name[name] = _component(gr, PARAM_BY_NAME[name], values[name], elem_id)
@@ -286,6 +287,8 @@ def follow_model_changes(trigger: Any, controls: Controls, status: Callable[[Any
 
 
 QUANT_REFRESH = "Refresh model storage and coefficient files"
+#: The on/off checkbox's label where there is no accordion header checkbox (SD.Next, no WebUI).
+ENABLE_LABEL = "Enable QSilk"
 
 
 def labels() -> list[str]:
@@ -293,7 +296,7 @@ def labels() -> list[str]:
     strings: list[str] = []
     for p in PARAMS:
         strings += [p.label, p.help]
-    strings += list(GROUP_TITLES.values()) + ["Enable QSilk", EXPANDING_WARNING, QUANT_REFRESH]
+    strings += list(GROUP_TITLES.values()) + [ENABLE_LABEL, EXPANDING_WARNING, QUANT_REFRESH]
     strings += [h for h in PRESET_HELP.values() if h]
     strings += [describe_preset(name) for name in PRESETS]  # other summary lines are composed
     return list(dict.fromkeys(strings))

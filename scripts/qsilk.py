@@ -1,4 +1,4 @@
-"""QSilk for AUTOMATIC1111 stable-diffusion-webui (v1.6–v1.10) and Forge: the always-on script.
+"""QSilk for AUTOMATIC1111 stable-diffusion-webui (v1.6–v1.10), Forge and SD.Next: the always-on script.
 
 The WebUI executes this file with the extension's root directory on ``sys.path`` and under the
 module name ``qsilk.py`` — a name it never puts in ``sys.modules`` — so ``import qsilk`` below
@@ -7,7 +7,8 @@ at top level, because the extension root is on ``sys.path`` only while this file
 
 This file is thin: the controls come from ``qsilk.ui``, argument parsing, infotext, XYZ axes and
 the settings page from ``qsilk.hosts.common``, and the per-job work from the host adapter that
-``qsilk.hosts.load_adapter()`` picks (``qsilk/hosts/a1111.py`` on AUTOMATIC1111).
+``qsilk.hosts.load_adapter()`` picks (``qsilk/hosts/a1111.py`` on AUTOMATIC1111,
+``qsilk/hosts/sdnext.py`` on SD.Next).
 """
 from __future__ import annotations
 
@@ -52,10 +53,13 @@ class QSilkScript(scripts.Script):
         # Re-entrant: the API calls ui() twice more (inside a throwaway Blocks) to read defaults.
         enabled, preset = common.ui_defaults(shared.opts)
         self.ui_default_preset = preset
+        # SD.Next has InputAccordion but not its JavaScript (no header checkbox would be drawn):
+        # the adapter says so, and the controls then get a visible "Enable QSilk" checkbox.
+        accordion = _InputAccordion if getattr(adapter, "INPUT_ACCORDION", True) else None
         quant_ui = _quant_ui()
         controls = qsilk_ui.build_controls(
             gr, enabled=enabled, values=Settings.from_preset(preset).as_dict(),
-            elem_id=self.elem_id, accordion=_InputAccordion, quant_status=quant_ui["quant_status"],
+            elem_id=self.elem_id, accordion=accordion, quant_status=quant_ui["quant_status"],
             coefficient_files=quant_ui["coefficient_files"])
         _MODEL_FOLLOW.add(controls, quant_ui["status_after_change"])
         self.infotext_fields = common.infotext_fields(controls.components)
@@ -64,19 +68,28 @@ class QSilkScript(scripts.Script):
 
     # -- processing hooks -----------------------------------------------------------------
     def process(self, p, *args):
+        if _nested(p):
+            return  # SD.Next detailer pass: a copy of the job's p; the job's own hooks handle it
         stale = common.pop_job(p)  # a p reused after a job that raised (postprocess never ran)
         if stale is not None:
             adapter.end_job(p, stale)
         common.restore_sample(p)
-        preset_default = self.ui_default_preset or common.ui_defaults(shared.opts)[1]
+        enabled_default, preset_default = common.ui_defaults(shared.opts)
+        preset_default = self.ui_default_preset or preset_default
+        is_api = bool(getattr(p, "is_api", False))
+        sent = getattr(p, "per_script_args", None)
+        if isinstance(sent, dict) and self.title() in sent:
+            # SD.Next passes an API request's args exactly as sent, without the UI defaults the
+            # other WebUIs fill in: add them, so one request means the same on every host.
+            args = common.with_ui_defaults(args, Settings.from_preset(preset_default, enabled=enabled_default))
+            is_api = True
         try:
-            settings = common.settings_from_script_args(
-                args, preset_default, is_api=bool(getattr(p, "is_api", False)))
+            settings = common.settings_from_script_args(args, preset_default, is_api=is_api)
             settings = common.apply_overrides(settings, common.overrides_of(p))
         except SettingsError as error:
             # Raising here would be swallowed by the WebUI (HTTP 200, image without QSilk).
             common.clear_infotext(p)
-            common.fail_job(p, error)
+            getattr(adapter, "refuse", common.fail_job)(p, error)
             return
         common.clear_infotext(p)  # a key written for an earlier XYZ cell must not label this one
         job = adapter.start_job(p, settings) if settings.enabled else None
@@ -96,9 +109,16 @@ class QSilkScript(scripts.Script):
             adapter.before_hr(p, job)
 
     def postprocess(self, p, processed, *args):
+        if _nested(p):
+            return
         job = common.pop_job(p)
         if job is not None:
             adapter.end_job(p, job, processed)
+
+
+def _nested(p) -> bool:
+    nested = getattr(adapter, "nested_pass", None)
+    return bool(nested is not None and nested(p))
 
 
 def _quant_ui() -> dict:
@@ -180,5 +200,7 @@ if hasattr(script_callbacks, "on_after_component"):
 if common.find_xyz_module(scripts.scripts_data) is not None:
     _add_xyz_axes()
 script_callbacks.on_before_ui(_add_xyz_axes)
+if hasattr(adapter, "after_process"):  # SD.Next: runs from a finally, also when postprocess is skipped
+    script_callbacks.on_after_process(adapter.after_process)
 if hasattr(adapter, "cleanup_all"):
     script_callbacks.on_script_unloaded(adapter.cleanup_all)

@@ -11,6 +11,12 @@ Every adapter module exposes the same functions, called by `scripts/qsilk.py`:
 - ``before_every_sampling(p, job, **kwargs)`` from `process_before_every_sampling()`
 - ``before_hr(p, job)``                       from `before_hr()`
 - ``end_job(p, job, processed=None)``         from `postprocess()` and on failure paths
+
+Optional, where a host needs them (SD.Next): ``INPUT_ACCORDION`` (False: build a visible checkbox
+instead of the WebUI's ``InputAccordion``), ``nested_pass(p)`` (a pass QSilk leaves to the job
+that started it: ``process()``/``postprocess()`` do nothing), ``refuse(p, error)`` (make the job
+fail with `error` where ``p.sample`` is never called), ``after_process(p)`` (registered with
+``on_after_process``: runs also when ``postprocess`` is skipped).
 """
 from __future__ import annotations
 
@@ -24,6 +30,11 @@ FORGE_NEW = "forge_new"  # lllyasviel Forge from August 2024 (backend/, Gradio 4
 REFORGE = "reforge"  # Panchovix reForge (ldm_patched, Gradio 3.41)
 FORGE_NEO = "forge_neo"  # Haoming02 Forge Neo (backend/, Gradio 4.40; Flux, Wan, Z-Image, Qwen-Image …)
 FORGE_CLASSIC = "forge_classic"  # Haoming02 Forge Classic (ldm_patched, Gradio 3.41)
+SDNEXT = "sdnext"  # vladmandic SD.Next (diffusers-only backend, A1111's Script API)
+
+#: Modules only SD.Next has (058a7f0c): its script manager (``modules/scripts.py`` is a re-export of
+#: it there) and its diffusers processing path. Either is imported before extension scripts load.
+_SDNEXT_MARKERS = ("modules.scripts_manager", "modules.processing_diffusers", "modules.sd_samplers_diffusers")
 
 #: The ``modules_forge.forge_version.version`` strings of Haoming02's two lines; they say which
 #: line it is outright (lllyasviel Forge and reForge write a number there).
@@ -36,6 +47,9 @@ def detect_host(modules: Mapping[str, Any] | None = None) -> str:
     Only `sys.modules` (or `modules`) is read; nothing is imported. Markers, checked against the
     hosts' source (Forge main dfdcbab6, Forge tag ``previous`` bfee03d8, reForge main 3b56b268):
 
+    - ``modules.scripts_manager`` / ``modules.processing_diffusers`` / ``modules.sd_samplers_diffusers``
+      → SD.Next (vladmandic/sdnext ``058a7f0c``: A1111's Script API on a diffusers-only backend, so
+      the AUTOMATIC1111 adapter's ``p.sample`` and sampler hooks do not exist there);
     - no ``modules_forge`` package → AUTOMATIC1111;
     - ``modules_forge.forge_version.version`` ``"neo"`` / ``"classic"`` → Forge Neo / Forge Classic
       (Haoming02/sd-webui-forge-classic, branches ``neo`` (release 2.26) and ``classic``
@@ -52,6 +66,8 @@ def detect_host(modules: Mapping[str, Any] | None = None) -> str:
     so a wrong guess between those two changes only what the report names.
     """
     mods = sys.modules if modules is None else modules
+    if any(name in mods for name in _SDNEXT_MARKERS):
+        return SDNEXT
     if "modules_forge" not in mods:
         return A1111
     named = _VERSION_NAMES.get(str(getattr(mods.get("modules_forge.forge_version"), "version", "")).lower())
@@ -79,5 +95,5 @@ _NEW_FORGE_MARKERS = ("backend.patcher.unet", "backend.sampling.sampling_functio
 def load_adapter(host: str | None = None):
     """Import and return the adapter module for `host` (default: the detected one)."""
     host = host or detect_host()
-    name = "a1111" if host == A1111 else "forge"
+    name = {A1111: "a1111", SDNEXT: "sdnext"}.get(host, "forge")
     return importlib.import_module(f"{__name__}.{name}")

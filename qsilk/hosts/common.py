@@ -148,6 +148,17 @@ def settings_from_script_args(args: Sequence[Any], ui_default_preset: str = DEFA
     return Settings.from_args(args, ui_default_preset=ui_default_preset, short_form=is_api)
 
 
+def with_ui_defaults(args: Sequence[Any], defaults: Settings) -> list[Any]:
+    """An API request's args as the other WebUIs hand them to a script: the values sent, then the
+    UI's default values (`defaults`, in `PARAMS` order) for the rest. A dict sent first is kept
+    as is (``from_api`` fills in its preset itself); nothing sent means every UI default."""
+    args = list(args)
+    if args and isinstance(args[0], Mapping):
+        return args
+    values = [getattr(defaults, p.name) for p in PARAMS]
+    return args + values[len(args):]
+
+
 def apply_overrides(settings: Settings, overrides: Mapping[str, Any] | None) -> Settings:
     """Apply per-cell overrides (XYZ axes). A ``preset`` override loads that whole preset first
     (keeping the on/off switch and debug output), then single-parameter overrides apply."""
