@@ -50,6 +50,7 @@ from ..probe import find_probe_layer
 from ..settings import Settings
 from ..stabilizer import Stabilizer
 from . import common
+from .common import call_arg, with_call_arg
 from .patcher import AttentionCapture, attn1_observer, fence_function, fitting_mask, runs_per_step, wants_probe
 
 log = logging.getLogger("qsilk")
@@ -293,8 +294,8 @@ def _sampler_wrapper(state: _RunState) -> Callable:
     def qsilk_sampler_sample(executor, *args, **kwargs):
         run = None
         try:
-            guider, sigmas = _arg(args, kwargs, 0, "model_wrap"), _arg(args, kwargs, 1, "sigmas")
-            noise, mask = _arg(args, kwargs, 4, "noise"), _arg(args, kwargs, 6, "denoise_mask")
+            guider, sigmas = call_arg(args, kwargs, 0, "model_wrap"), call_arg(args, kwargs, 1, "sigmas")
+            noise, mask = call_arg(args, kwargs, 4, "noise"), call_arg(args, kwargs, 6, "denoise_mask")
             run = ComfyRun(state.settings, getattr(executor, "class_obj", None), sigmas, mask)
             run.start_probe(guider, noise)
         except Exception:
@@ -303,7 +304,7 @@ def _sampler_wrapper(state: _RunState) -> Callable:
                 run.release()
             return executor(*args, **kwargs)
         previous, state.run = state.run, run
-        args, kwargs = _with_arg(args, kwargs, 3, "callback", run.step_callback(_arg(args, kwargs, 3, "callback")))
+        args, kwargs = with_call_arg(args, kwargs, 3, "callback", run.step_callback(call_arg(args, kwargs, 3, "callback")))
         try:
             samples = executor(*args, **kwargs)
         finally:
@@ -319,17 +320,6 @@ def _sampler_wrapper(state: _RunState) -> Callable:
 
     qsilk_sampler_sample.qsilk_state = state
     return qsilk_sampler_sample
-
-
-def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
-    return args[index] if len(args) > index else kwargs.get(name)
-
-
-def _with_arg(args: tuple, kwargs: dict, index: int, name: str, value: Any) -> tuple[tuple, dict]:
-    """`args` / `kwargs` with the argument at `index` (or keyword `name`) replaced by `value`."""
-    if len(args) > index:
-        return (*args[:index], value, *args[index + 1:]), kwargs
-    return args, {**kwargs, name: value}
 
 
 def _post_cfg_function(state: _RunState) -> Callable[[dict], torch.Tensor]:

@@ -202,6 +202,18 @@ def pop_job(p: Any) -> Any | None:
 
 #: Attribute on a function QSilk put on ``p.sample``: ``(had_own, own)`` — whether ``p`` had its
 #: own ``sample`` attribute before, and which — so it can be taken off again exactly.
+def call_arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
+    """The argument of a wrapped host call at position `index`, else keyword `name` (``None`` if absent)."""
+    return args[index] if len(args) > index else kwargs.get(name)
+
+
+def with_call_arg(args: tuple, kwargs: dict, index: int, name: str, value: Any) -> tuple[tuple, dict]:
+    """`args` / `kwargs` with the argument at `index` (or keyword `name`) replaced by `value`."""
+    if len(args) > index:
+        return (*args[:index], value, *args[index + 1:]), kwargs
+    return args, {**kwargs, name: value}
+
+
 RESTORE_ATTR = "_qsilk_restore"
 
 

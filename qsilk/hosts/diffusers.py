@@ -55,6 +55,7 @@ from ..probe import EntropyProbe, find_probe_layer, probe_layer_factor
 from ..settings import DEFAULT_PRESET, Settings
 from ..stabilizer import Stabilizer
 from . import common
+from .common import call_arg, with_call_arg
 from . import diffusers_x0 as x0t
 from .patcher import wants_probe
 
@@ -422,13 +423,14 @@ class DiffusersRun:
         new_args, new_kwargs, ps, coeffs = plan
         out = original(*new_args, **new_kwargs)
         try:
-            return self._after_step(ps, scheduler, out, _arg(args, kwargs, 1, "timestep"))
+            return self._after_step(ps, scheduler, out, call_arg(args, kwargs, 1, "timestep"))
         except Exception as exc:
             self.glue_error("stabilising before decode", exc)
             return out
 
     def _plan(self, scheduler: Any, args: tuple, kwargs: dict):
-        m, t, s = _arg(args, kwargs, 0, "model_output"), _arg(args, kwargs, 1, "timestep"), _arg(args, kwargs, 2, "sample")
+        m, t, s = (call_arg(args, kwargs, 0, "model_output"), call_arg(args, kwargs, 1, "timestep"),
+                   call_arg(args, kwargs, 2, "sample"))
         if not (isinstance(m, torch.Tensor) and isinstance(s, torch.Tensor)):
             return None
         ps = self._sync_pass(scheduler)
@@ -459,7 +461,7 @@ class DiffusersRun:
             return args, kwargs, ps, c
         delta = new - img
         m_new = x0t.write_back(m, c, x0t.pack_tokens(delta) if packed else delta)
-        return _with_arg(args, kwargs, 0, "model_output", m_new) + (ps, c)
+        return with_call_arg(args, kwargs, 0, "model_output", m_new) + (ps, c)
 
     def _take_map(self, ps: _Pass) -> torch.Tensor | None:
         probe, ps.eval_probe = ps.eval_probe, None
@@ -568,16 +570,6 @@ def _denoiser_of(pipe: Any) -> torch.nn.Module | None:
         if isinstance(module, torch.nn.Module):
             return module
     return None
-
-
-def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
-    return args[index] if len(args) > index else kwargs.get(name)
-
-
-def _with_arg(args: tuple, kwargs: dict, index: int, name: str, value: Any) -> tuple[tuple, dict]:
-    if len(args) > index:
-        return (*args[:index], value, *args[index + 1:]), kwargs
-    return args, {**kwargs, name: value}
 
 
 def _pass_length(pipe: Any, scheduler: Any) -> int | None:
