@@ -24,3 +24,20 @@ def load_script(root: str) -> types.ModuleType:
     finally:
         sys.path[:] = saved
     return mod
+
+
+def put_modules(modules: dict[str, types.ModuleType], saved: dict[str, types.ModuleType | None]) -> None:
+    """Put the double's `modules` in ``sys.modules``, keeping in `saved` what each name held before."""
+    for name, mod in modules.items():
+        saved[name] = sys.modules.get(name)
+        sys.modules[name] = mod
+
+
+def restore_modules(saved: dict[str, types.ModuleType | None]) -> None:
+    """Undo `put_modules`: each name back to what it held (removed where it held nothing); `saved` emptied."""
+    for name, old in saved.items():
+        if old is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = old
+    saved.clear()

@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import load_script  # noqa: F401  (Harness uses it; shared with the Forge double)
+from . import put_modules, restore_modules
 from .k_diffusion import sample_euler, sample_heun
 
 _webui: "WebUI | None" = None  # the installed double (the real WebUI is global state too)
@@ -1382,20 +1383,13 @@ class WebUI:
         global _webui
         self._threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        for name, mod in self.modules.items():
-            self._saved[name] = sys.modules.get(name)
-            sys.modules[name] = mod
+        put_modules(self.modules, self._saved)
         _webui = self
         return self
 
     def uninstall(self) -> None:
         global _webui
-        for name, old in self._saved.items():
-            if old is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = old
-        self._saved.clear()
+        restore_modules(self._saved)
         torch.set_num_threads(getattr(self, "_threads", torch.get_num_threads()))
         if _webui is self:
             _webui = None

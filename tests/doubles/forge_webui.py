@@ -61,6 +61,7 @@ from .forge_backend import BACKEND_FAMILIES, FORGE_CLASSIC, FORGE_NEO, FORGE_NEW
 #: ``Processing(build=…)`` for a Forge Neo of February 2026 (hires: 1 + 2 hook calls, Latent upscalers).
 NEO_2026_02 = "neo-2026"
 from . import load_script  # noqa: F401  (A1111's script_loading, which Forge keeps)
+from . import put_modules, restore_modules
 
 OPT_F = 8
 
@@ -901,18 +902,11 @@ class ForgeHost:
             self.modules[name] = module(name, **attrs)
 
     def install(self):
-        for name, m in self.modules.items():
-            self._saved[name] = sys.modules.get(name)
-            sys.modules[name] = m
+        put_modules(self.modules, self._saved)
         return self
 
     def uninstall(self):
-        for name, old in self._saved.items():
-            if old is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = old
-        self._saved.clear()
+        restore_modules(self._saved)
 
     def __enter__(self):
         return self.install()

@@ -65,6 +65,8 @@ from typing import Any
 
 import torch
 
+from . import put_modules, restore_modules
+
 _HERE = Path(__file__).resolve().parent
 _sdnext: "SDNext | None" = None
 LATENT_SCALE = 2  # the tiny VAE has two levels: latent = image / 2
@@ -456,18 +458,22 @@ def process_base(p):
                              strength=p.denoising_strength if p.init_images else None, desc="Base")
     if p.init_images:
         args["image"] = torch.cat(args["image"])
-    output = None
+    return _guarded_pass(shared.sd_model, args, "Base", (ValueError, RuntimeError), None)
+
+
+def _guarded_pass(model, args: dict, desc: str, interrupting: tuple, failed):
+    """One pipeline pass guarded as ``process_base`` / ``process_hires`` guard theirs: ``AssertionError``
+    (the interrupt) logged; the `interrupting` errors (base: ``ValueError``, ``RuntimeError``; hires:
+    ``RuntimeError``) shown and the job marked interrupted; any other propagates. After an error:
+    `failed` (base: ``None``; hires: the base output)."""
     try:
-        output = _call(shared.sd_model, args, "Base")
+        return _call(model, args, desc)
     except AssertionError as e:
         S().log["info"].append(str(e))
-    except ValueError as e:
-        shared.state.interrupted = True
+    except interrupting as e:
+        S().shared.state.interrupted = True
         display(e, "Processing")
-    except RuntimeError as e:
-        shared.state.interrupted = True
-        display(e, "Processing")
-    return output
+    return failed
 
 
 def _latent(image) -> torch.Tensor:
@@ -495,13 +501,7 @@ def process_hires(p, output):
         args = set_pipeline_args(p, shared.sd_model, p.prompts, p.negative_prompts, num_inference_steps=steps,
                                  guidance_scale=p.cfg_scale, output_type="latent", image=output.images,
                                  strength=strength, desc="Hires")
-        try:
-            output = _call(shared.sd_model, args, "Hires")
-        except AssertionError as e:
-            S().log["info"].append(str(e))
-        except RuntimeError as e:
-            shared.state.interrupted = True
-            display(e, "Processing")
+        output = _guarded_pass(shared.sd_model, args, "Hires", (RuntimeError,), output)
     p.is_hr_pass = False
     return output
 
@@ -865,20 +865,13 @@ class SDNext:
         global _sdnext
         self._threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        for name, mod in self.modules.items():
-            self._saved[name] = sys.modules.get(name)
-            sys.modules[name] = mod
+        put_modules(self.modules, self._saved)
         _sdnext = self
         return self
 
     def uninstall(self) -> None:
         global _sdnext
-        for name, old in self._saved.items():
-            if old is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = old
-        self._saved.clear()
+        restore_modules(self._saved)
         torch.set_num_threads(getattr(self, "_threads", torch.get_num_threads()))
         if _sdnext is self:
             _sdnext = None
