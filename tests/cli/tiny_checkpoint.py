@@ -179,12 +179,12 @@ def build_single_file(folder: Path, seed: int = 0) -> tuple[Path, Path, dict]:
     return path, config, parts
 
 
-def build_sdxl_folder(folder: Path, seed: int = 0) -> Path:
-    """A tiny random SDXL pipeline saved as a diffusers folder (two CLIP text encoders, text-time
-    micro-conditioning, attention at the ½-resolution level like SDXL's)."""
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+def tiny_sdxl_components(seed: int = 0) -> dict:
+    """Random SDXL-layout parts: UNet with text-time micro-conditioning and attention at the
+    ½-resolution level like SDXL's, 2-level VAE, two CLIP text encoders (the second with projection),
+    SDXL's Euler scheduler. No tokenizers (`write_tokenizer` makes the one both use)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -202,12 +202,20 @@ def build_sdxl_folder(folder: Path, seed: int = 0) -> Path:
                     eos_token_id=1, pad_token_id=1)
     text = CLIPTextModel(CLIPTextConfig(**text_cfg))
     text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg))
-    write_tokenizer(folder / "tok")
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tok"))
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        num_train_timesteps=1000, prediction_type="epsilon", steps_offset=1)
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tokenizer,
-                                     tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": text.eval(), "text_encoder_2": text_2.eval(),
+            "scheduler": scheduler}
+
+
+def build_sdxl_folder(folder: Path, seed: int = 0) -> Path:
+    """A tiny random SDXL pipeline (`tiny_sdxl_components`) saved as a diffusers folder."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    write_tokenizer(folder / "tok")
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tok"))
+    pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(seed), tokenizer=tokenizer, tokenizer_2=tokenizer)
     out = folder / "tiny-sdxl"
     pipe.save_pretrained(str(out), safe_serialization=True)
     return out

@@ -13,11 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cli"))
-from tiny_checkpoint import VOCAB_CHARS, tiny_components, write_tokenizer  # noqa: E402
-
-#: SD-layout scheduler config (scaled-linear betas, SD1.5's values).
-SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-
+from tiny_checkpoint import tiny_components, tiny_sdxl_components, write_tokenizer  # noqa: E402
 
 def _tokenizer(tmp: Path):
     from transformers import CLIPTokenizer
@@ -42,29 +38,11 @@ def sd15_call(seed: int = 1, **kw):
 
 
 def sdxl(tmp: Path, seed: int = 0, *, img2img: bool = False):
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32,
-        norm_num_groups=32)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=32, sample_size=16)
-    text_cfg = dict(vocab_size=len(VOCAB_CHARS) * 2 + 3, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                    num_attention_heads=4, max_position_embeddings=77, projection_dim=32, bos_token_id=0,
-                    eos_token_id=1, pad_token_id=1)
     tok = _tokenizer(tmp)
     cls = StableDiffusionXLImg2ImgPipeline if img2img else StableDiffusionXLPipeline
-    pipe = cls(vae=vae.eval(), text_encoder=CLIPTextModel(CLIPTextConfig(**text_cfg)).eval(),
-               text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg)).eval(), tokenizer=tok,
-               tokenizer_2=tok, unet=unet.eval(), scheduler=EulerDiscreteScheduler(**SD_BETAS, steps_offset=1))
+    pipe = cls(**tiny_sdxl_components(seed), tokenizer=tok, tokenizer_2=tok)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
