@@ -31,7 +31,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from webui_api import Api, Checker, _message, _qsilk_part, check_log, png_pixels, qsilk_args  # noqa: E402
+import webui_api  # noqa: E402
+from webui_api import (Api, Checker, _message, _qsilk_part, check_again, check_crisp, check_gentle,  # noqa: E402
+                       check_log, check_not_loaded, check_off, check_positional_off, check_scripts_listed,
+                       load_baseline, png_pixels, print_notes, print_totals, qsilk_args, report_request)
 
 SIZE = 64
 STEPS = 4
@@ -41,8 +44,9 @@ BALANCED = [{"enabled": True, "preset": "Balanced"}]
 OFF = [{"enabled": False}]
 
 
-class Result:
-    """One generation: status, image hashes (PNG pixel data, else the file bytes), infotexts."""
+class Result(webui_api.Result):
+    """One generation: status, image hashes (PNG pixel data, else the file bytes), infotexts.
+    ``ok`` / ``error`` are webui_api's; the images are read apart: SD.Next may answer JPEG/WebP."""
 
     def __init__(self, status: int, body, seconds: float):
         self.status, self.body, self.seconds = status, body, seconds
@@ -62,14 +66,6 @@ class Result:
             except ValueError:
                 self.info = {}
             self.infotexts = list(self.info.get("infotexts") or [])
-
-    @property
-    def ok(self) -> bool:
-        return self.status == 200 and bool(self.hashes)
-
-    def error(self) -> str:
-        text = self.body if isinstance(self.body, str) else json.dumps(self.body)
-        return f"HTTP {self.status}: {text[:400]}"
 
     def note(self) -> str:
         return str((self.info.get("extra_generation_params") or {}).get("QSilk note") or "")
@@ -120,16 +116,13 @@ def cases(api: Api, quick: bool) -> tuple[dict[str, dict], list[str]]:
 
 
 def record_baseline(chk: Checker, path: str) -> None:
-    _, scripts, _ = chk.api.call("/sdapi/v1/scripts")
-    present = isinstance(scripts, dict) and "qsilk" in [s.lower() for s in scripts.get("txt2img", [])]
-    chk.report(not present, "baseline server runs without QSilk", "qsilk is loaded!" if present else "")
+    check_not_loaded(chk)
     reqs, notes = cases(chk.api, chk.args.quick)
-    for n in notes:
-        print(f"NOTE {n}")
+    print_notes(notes)
     hashes = {}
     for name, payload in reqs.items():
         r = generate(chk, f"baseline {name}", payload, None)
-        if chk.report(r.ok, f"baseline {name}", ",".join(r.hashes) if r.ok else r.error(), r.seconds):
+        if report_request(chk, f"baseline {name}", r):
             hashes[name] = r.hashes
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"host": "sdnext", "url": chk.api.url, "hashes": hashes}, f, indent=1)
@@ -162,36 +155,20 @@ def ui_checks(chk: Checker) -> None:
 
 def run_checks(chk: Checker) -> None:
     api, args = chk.api, chk.args
-    baseline = {}
-    if args.baseline:
-        with open(args.baseline, encoding="utf-8") as f:
-            baseline = json.load(f)["hashes"]
+    baseline = load_baseline(args.baseline)
 
-    status, scripts, sec = api.call("/sdapi/v1/scripts")
-    for tab in ("txt2img", "img2img"):
-        listed = [s.lower() for s in scripts.get(tab, [])] if isinstance(scripts, dict) else []
-        chk.report("qsilk" in listed, f"/sdapi/v1/scripts lists qsilk in {tab}",
-                   "" if "qsilk" in listed else f"HTTP {status}: {str(scripts)[:300]}", sec)
+    check_scripts_listed(chk)
     ui_checks(chk)
 
     reqs, notes = cases(api, args.quick)
-    for n in notes:
-        print(f"NOTE {n}")
+    print_notes(notes)
     for name, payload in reqs.items():
         off = generate(chk, f"{name} off", payload, OFF)
-        if not chk.report(off.ok, f"{name}: off request succeeds", ",".join(off.hashes) if off.ok else off.error(),
-                          off.seconds):
+        if not report_request(chk, f"{name}: off request succeeds", off):
             continue
-        text = " | ".join(off.infotexts)
-        chk.report("QSilk" not in text, f"{name}: off writes no QSilk infotext", "" if "QSilk" not in text else text[:300])
-        if name in baseline:
-            chk.report(off.hashes == baseline[name], f"{name}: off bit-identical to SD.Next without QSilk",
-                       f"{off.hashes} vs baseline {baseline[name]}")
-        else:
-            chk.report(None, f"{name}: off bit-identical to SD.Next without QSilk", "no baseline (--baseline)")
+        check_off(chk, name, off, baseline, "SD.Next")
         on = generate(chk, f"{name} Balanced", payload, BALANCED)
-        if not chk.report(on.ok, f"{name}: Balanced request succeeds", ",".join(on.hashes) if on.ok else on.error(),
-                          on.seconds):
+        if not report_request(chk, f"{name}: Balanced request succeeds", on):
             continue
         want = payload.get("batch_size", 1)
         tagged = [t for t in on.infotexts if "QSilk: v=1; preset=Balanced" in t]
@@ -210,20 +187,13 @@ def run_checks(chk: Checker) -> None:
             print(f"NOTE {name}: QSilk note: {on.note()}")
         if name == "t2i_euler":
             again = generate(chk, f"{name} Balanced again", payload, BALANCED)
-            chk.report(again.ok and again.hashes == on.hashes, f"{name}: Balanced twice is bit-identical",
-                       f"{again.hashes} vs {on.hashes}" if again.ok else again.error(), again.seconds)
+            check_again(chk, name, again, on)
             gentle = generate(chk, f"{name} [true, Gentle]", payload, [True, "Gentle"])
-            chk.report(gentle.ok and any("preset=Gentle" in t for t in gentle.infotexts),
-                       f"{name}: positional [true, \"Gentle\"] = preset Gentle",
-                       _qsilk_part(gentle.infotexts[0]) if gentle.ok and gentle.infotexts else gentle.error(),
-                       gentle.seconds)
+            check_gentle(chk, name, gentle)
             crisp = generate(chk, f"{name} Crisp tile=48", payload, [{"preset": "Crisp", "tile": 48}])
-            chk.report(crisp.ok and any("QSilk: v=1; preset=Crisp; tile=48" in t for t in crisp.infotexts),
-                       f"{name}: dict {{preset: Crisp, tile: 48}} in the infotext",
-                       _qsilk_part(crisp.infotexts[0]) if crisp.ok and crisp.infotexts else crisp.error(), crisp.seconds)
+            check_crisp(chk, name, crisp)
             pos_off = generate(chk, f"{name} [false]", payload, [False])
-            chk.report(pos_off.ok and pos_off.hashes == off.hashes, f"{name}: positional [false] = off",
-                       f"{pos_off.hashes} vs {off.hashes}" if pos_off.ok else pos_off.error(), pos_off.seconds)
+            check_positional_off(chk, name, pos_off, off)
 
     payload = reqs["t2i_euler"]
     for label, value, needle in (("tile=3", [{"tile": 3}], "tile"),
@@ -351,10 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.server_log, encoding="utf-8", errors="replace") as f:
                 hosts = set(re.findall(r"QSilk \(([^)]*)\): \d+ pass", f.read()))
             chk.report(hosts == {"sdnext"}, "the summary line names the host sdnext", f"host names {sorted(hosts)}")
-    if chk.timings:
-        print("TIMES " + "; ".join(f"{label} {s:.2f}s" for label, s in chk.timings))
-    print(f"{chk.passed} passed, {chk.failed} failed, {chk.skipped} skipped "
-          f"({time.perf_counter() - t0:.0f} s, host sdnext)")
+    print_totals(chk, t0, "sdnext")
     return 1 if chk.failed else 0
 
 

@@ -198,14 +198,85 @@ def cases(api: Api, quick: bool, host: str) -> tuple[dict[str, tuple[str, dict]]
     return out, notes
 
 
-def record_baseline(chk: Checker, path: str) -> None:
-    api = chk.api
-    status, scripts, _ = api.call("/sdapi/v1/scripts")
-    present = isinstance(scripts, dict) and "qsilk" in [s.lower() for s in scripts.get("txt2img", [])]
-    chk.report(not present, "baseline server runs without QSilk", "qsilk is loaded!" if present else "")
-    reqs, notes = cases(api, chk.args.quick, chk.args.host_name)
+def load_baseline(path: str | None) -> dict:
+    """The hashes a ``--record-baseline`` run wrote, by request name ({} without a baseline)."""
+    if not path:
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)["hashes"]
+
+
+def print_notes(notes: list[str]) -> None:
     for n in notes:
         print(f"NOTE {n}")
+
+
+def check_not_loaded(chk: Checker) -> None:
+    """A baseline server must run without QSilk."""
+    _, scripts, _ = chk.api.call("/sdapi/v1/scripts")
+    present = isinstance(scripts, dict) and "qsilk" in [s.lower() for s in scripts.get("txt2img", [])]
+    chk.report(not present, "baseline server runs without QSilk", "qsilk is loaded!" if present else "")
+
+
+def check_scripts_listed(chk: Checker) -> None:
+    status, scripts, sec = chk.api.call("/sdapi/v1/scripts")
+    for tab in ("txt2img", "img2img"):
+        listed = [s.lower() for s in scripts.get(tab, [])] if isinstance(scripts, dict) else []
+        chk.report("qsilk" in listed, f"/sdapi/v1/scripts lists qsilk in {tab}",
+                   "" if "qsilk" in listed else f"HTTP {status}: {str(scripts)[:300]}", sec)
+
+
+def report_request(chk: Checker, label: str, r) -> bool:
+    """PASS when the generation returned images (their hashes), else FAIL with the HTTP error."""
+    return chk.report(r.ok, label, ",".join(r.hashes) if r.ok else r.error(), r.seconds)
+
+
+def check_off(chk: Checker, name: str, off, baseline: dict, host: str) -> None:
+    """An off request writes no QSilk infotext and gives the baseline's pixels (`host` without QSilk)."""
+    text = " | ".join(off.infotexts)
+    chk.report("QSilk" not in text, f"{name}: off writes no QSilk infotext", "" if "QSilk" not in text else text[:300])
+    if name in baseline:
+        chk.report(off.hashes == baseline[name], f"{name}: off bit-identical to {host} without QSilk",
+                   f"{off.hashes} vs baseline {baseline[name]}")
+    else:
+        chk.report(None, f"{name}: off bit-identical to {host} without QSilk", "no baseline (--baseline)")
+
+
+def check_again(chk: Checker, name: str, again, on) -> None:
+    chk.report(again.ok and again.hashes == on.hashes, f"{name}: Balanced twice is bit-identical",
+               f"{again.hashes} vs {on.hashes}" if again.ok else again.error(), again.seconds)
+
+
+def check_positional_off(chk: Checker, name: str, pos_off, off) -> None:
+    chk.report(pos_off.ok and pos_off.hashes == off.hashes, f"{name}: positional [false] = off",
+               f"{pos_off.hashes} vs {off.hashes}" if pos_off.ok else pos_off.error(), pos_off.seconds)
+
+
+def check_gentle(chk: Checker, name: str, gentle) -> None:
+    chk.report(gentle.ok and any("preset=Gentle" in t for t in gentle.infotexts),
+               f"{name}: positional [true, \"Gentle\"] = preset Gentle",
+               _qsilk_part(gentle.infotexts[0]) if gentle.ok and gentle.infotexts else gentle.error(),
+               gentle.seconds)
+
+
+def check_crisp(chk: Checker, name: str, crisp) -> None:
+    chk.report(crisp.ok and any("QSilk: v=1; preset=Crisp; tile=48" in t for t in crisp.infotexts),
+               f"{name}: dict {{preset: Crisp, tile: 48}} in the infotext",
+               _qsilk_part(crisp.infotexts[0]) if crisp.ok and crisp.infotexts else crisp.error(), crisp.seconds)
+
+
+def print_totals(chk: Checker, t0: float, host: str) -> None:
+    if chk.timings:
+        print("TIMES " + "; ".join(f"{label} {s:.2f}s" for label, s in chk.timings))
+    print(f"{chk.passed} passed, {chk.failed} failed, {chk.skipped} skipped "
+          f"({time.perf_counter() - t0:.0f} s, host {host})")
+
+
+def record_baseline(chk: Checker, path: str) -> None:
+    api = chk.api
+    check_not_loaded(chk)
+    reqs, notes = cases(api, chk.args.quick, chk.args.host_name)
+    print_notes(notes)
     hashes = {}
     for name, (endpoint, payload) in reqs.items():
         r = chk.generate(f"baseline {name}", endpoint, payload)
@@ -220,17 +291,10 @@ def record_baseline(chk: Checker, path: str) -> None:
 
 def run_checks(chk: Checker) -> None:
     api, args = chk.api, chk.args
-    baseline = {}
-    if args.baseline:
-        with open(args.baseline, encoding="utf-8") as f:
-            baseline = json.load(f)["hashes"]
+    baseline = load_baseline(args.baseline)
 
     # -- the script is registered -----------------------------------------------------------
-    status, scripts, sec = api.call("/sdapi/v1/scripts")
-    for tab in ("txt2img", "img2img"):
-        listed = [s.lower() for s in scripts.get(tab, [])] if isinstance(scripts, dict) else []
-        chk.report("qsilk" in listed, f"/sdapi/v1/scripts lists qsilk in {tab}", "" if "qsilk" in listed
-                   else f"HTTP {status}: {str(scripts)[:300]}", sec)
+    check_scripts_listed(chk)
     status, info, sec = api.call("/sdapi/v1/script-info")
     entries = [s for s in info if isinstance(s, dict) and (s.get("name") or "").lower() == "qsilk"] \
         if isinstance(info, list) else []
@@ -244,26 +308,16 @@ def run_checks(chk: Checker) -> None:
     chk.report(ok, "/sdapi/v1/script-info describes qsilk", detail or f"HTTP {status}: {str(info)[:300]}", sec)
 
     reqs, notes = cases(api, args.quick, args.host_name)
-    for n in notes:
-        print(f"NOTE {n}")
+    print_notes(notes)
 
     balanced = [{"enabled": True, "preset": "Balanced"}]
     for name, (endpoint, payload) in reqs.items():
         off = chk.generate(f"{name} off", endpoint, {**payload, "alwayson_scripts": qsilk_args([{"enabled": False}])})
-        if not chk.report(off.ok, f"{name}: off request succeeds", ",".join(off.hashes) if off.ok else off.error(),
-                          off.seconds):
+        if not report_request(chk, f"{name}: off request succeeds", off):
             continue
-        off_text = " | ".join(off.infotexts)
-        chk.report("QSilk" not in off_text, f"{name}: off writes no QSilk infotext",
-                   "" if "QSilk" not in off_text else off_text[:300])
-        if name in baseline:
-            chk.report(off.hashes == baseline[name], f"{name}: off bit-identical to the WebUI without QSilk",
-                       f"{off.hashes} vs baseline {baseline[name]}")
-        else:
-            chk.report(None, f"{name}: off bit-identical to the WebUI without QSilk", "no baseline (--baseline)")
+        check_off(chk, name, off, baseline, "the WebUI")
         on = chk.generate(f"{name} Balanced", endpoint, {**payload, "alwayson_scripts": qsilk_args(balanced)})
-        if not chk.report(on.ok, f"{name}: Balanced request succeeds", ",".join(on.hashes) if on.ok else on.error(),
-                          on.seconds):
+        if not report_request(chk, f"{name}: Balanced request succeeds", on):
             continue
         want = payload.get("batch_size", 1)
         chk.report(len(on.hashes) == want, f"{name}: {want} image(s) returned", f"got {len(on.hashes)} {on.sizes}")
@@ -282,28 +336,20 @@ def run_checks(chk: Checker) -> None:
         if name == "t2i_euler":
             again = chk.generate(f"{name} Balanced again", endpoint,
                                  {**payload, "alwayson_scripts": qsilk_args(balanced)})
-            chk.report(again.ok and again.hashes == on.hashes, f"{name}: Balanced twice is bit-identical",
-                       f"{again.hashes} vs {on.hashes}" if again.ok else again.error(), again.seconds)
+            check_again(chk, name, again, on)
             default = chk.generate(f"{name} default", endpoint, dict(payload))
             chk.report(default.ok and default.hashes == on.hashes
                        and any("QSilk: v=1; preset=Balanced" in t for t in default.infotexts),
                        f"{name}: no QSilk args = the default (on, Balanced)",
                        f"{default.hashes} vs Balanced {on.hashes}" if default.ok else default.error(), default.seconds)
             pos_off = chk.generate(f"{name} [false]", endpoint, {**payload, "alwayson_scripts": qsilk_args([False])})
-            chk.report(pos_off.ok and pos_off.hashes == off.hashes, f"{name}: positional [false] = off",
-                       f"{pos_off.hashes} vs {off.hashes}" if pos_off.ok else pos_off.error(), pos_off.seconds)
+            check_positional_off(chk, name, pos_off, off)
             gentle = chk.generate(f"{name} [true, Gentle]", endpoint,
                                   {**payload, "alwayson_scripts": qsilk_args([True, "Gentle"])})
-            chk.report(gentle.ok and any("preset=Gentle" in t for t in gentle.infotexts),
-                       f"{name}: positional [true, \"Gentle\"] = preset Gentle",
-                       _qsilk_part(gentle.infotexts[0]) if gentle.ok and gentle.infotexts else gentle.error(),
-                       gentle.seconds)
+            check_gentle(chk, name, gentle)
             crisp = chk.generate(f"{name} Crisp tile=48", endpoint,
                                  {**payload, "alwayson_scripts": qsilk_args([{"preset": "Crisp", "tile": 48}])})
-            chk.report(crisp.ok and any("QSilk: v=1; preset=Crisp; tile=48" in t for t in crisp.infotexts),
-                       f"{name}: dict {{preset: Crisp, tile: 48}} in the infotext",
-                       _qsilk_part(crisp.infotexts[0]) if crisp.ok and crisp.infotexts else crisp.error(),
-                       crisp.seconds)
+            check_crisp(chk, name, crisp)
 
     # -- invalid arguments fail the request, naming the field -------------------------------------
     payload = reqs["t2i_euler"][1]
@@ -368,10 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         run_checks(chk)
         if args.server_log:
             check_log(chk, args.server_log)
-    if chk.timings:
-        print("TIMES " + "; ".join(f"{label} {s:.2f}s" for label, s in chk.timings))
-    print(f"{chk.passed} passed, {chk.failed} failed, {chk.skipped} skipped "
-          f"({time.perf_counter() - t0:.0f} s, host {args.host_name})")
+    print_totals(chk, t0, args.host_name)
     return 1 if chk.failed else 0
 
 
