@@ -26,6 +26,13 @@ def load_script(root: str) -> types.ModuleType:
     return mod
 
 
+def module(name: str, **attrs) -> types.ModuleType:
+    """A stand-in host module `name` holding `attrs`."""
+    m = types.ModuleType(name)
+    m.__dict__.update(attrs)
+    return m
+
+
 def put_modules(modules: dict[str, types.ModuleType], saved: dict[str, types.ModuleType | None]) -> None:
     """Put the double's `modules` in ``sys.modules``, keeping in `saved` what each name held before."""
     for name, mod in modules.items():

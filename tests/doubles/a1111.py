@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import load_script  # noqa: F401  (Harness uses it; shared with the Forge double)
-from . import put_modules, restore_modules
+from . import module, put_modules, restore_modules
 from .k_diffusion import sample_euler, sample_heun
 
 _webui: "WebUI | None" = None  # the installed double (the real WebUI is global state too)
@@ -1325,11 +1325,6 @@ class WebUI:
 
     def _build_modules(self):
         webui = self
-
-        def module(name, **attrs):
-            m = types.ModuleType(name)
-            m.__dict__.update(attrs)
-            return m
 
         self.shared = module("modules.shared", opts=self.opts, state=self.state, sd_model=self.models["tiny"],
                              OptionInfo=OptionInfo, cmd_opts=types.SimpleNamespace())

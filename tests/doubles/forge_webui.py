@@ -61,7 +61,7 @@ from .forge_backend import BACKEND_FAMILIES, FORGE_CLASSIC, FORGE_NEO, FORGE_NEW
 #: ``Processing(build=…)`` for a Forge Neo of February 2026 (hires: 1 + 2 hook calls, Latent upscalers).
 NEO_2026_02 = "neo-2026"
 from . import load_script  # noqa: F401  (A1111's script_loading, which Forge keeps)
-from . import put_modules, restore_modules
+from . import module, put_modules, restore_modules
 
 OPT_F = 8
 
@@ -873,11 +873,6 @@ class ForgeHost:
                 if kind in ("cfg_denoiser", "cfg_after_cfg"):
                     getattr(self.env.callbacks, kind).append(callback)
             return register
-
-        def module(name, **attrs):
-            m = types.ModuleType(name)
-            m.__dict__.update(attrs)
-            return m
 
         def remove_callbacks_for_function(fn):
             self.registered[:] = [(k, c) for k, c in self.registered if c != fn]

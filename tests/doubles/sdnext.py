@@ -65,7 +65,9 @@ from typing import Any
 
 import torch
 
-from . import put_modules, restore_modules
+from . import module, put_modules, restore_modules
+# SD.Next's modules/shared.py keeps A1111's Options / OptionInfo (the fork's settings store): one double
+from .a1111 import OptionInfo, Options
 
 _HERE = Path(__file__).resolve().parent
 _sdnext: "SDNext | None" = None
@@ -116,38 +118,9 @@ def display(e: BaseException, what: str) -> None:
     S().log["errors"].append((what, type(e).__name__, str(e)))
 
 
-class Options:
-    def __init__(self, **data):
-        object.__setattr__(self, "data", dict(data))
-        object.__setattr__(self, "data_labels", {})
-
-    def add_option(self, key, info):
-        self.data_labels[key] = info
-        self.data.setdefault(key, info.default)
-
-    def __getattr__(self, item):
-        if item in self.data:
-            return self.data[item]
-        if item in self.data_labels:
-            return self.data_labels[item].default
-        raise AttributeError(item)
-
-    def __setattr__(self, key, value):
-        self.data[key] = value
-
-
-class OptionInfo:
-    def __init__(self, default=None, label="", component=None, component_args=None, onchange=None, section=None,
-                 **kwargs):
-        self.default, self.label, self.component, self.component_args, self.section = (
-            default, label, component, component_args, section)
-
-    def needs_reload_ui(self):
-        return self
-
-
 class State:
-    """``modules.shared_state.State``: the fields the processing path reads."""
+    """``modules.shared_state.State``: the fields the processing path reads (not A1111's ``State``:
+    SD.Next's has ``paused``, ``job`` and a ``step()``, and no ``job_count``)."""
 
     def __init__(self):
         self.interrupted = self.skipped = self.paused = False
@@ -218,6 +191,10 @@ def _make_script_callbacks() -> types.ModuleType:
 AlwaysVisible = object()
 
 
+# Apart from the A1111 double's Script / ScriptRunner on purpose: SD.Next's fork dropped
+# ``process_before_every_sampling``, ``before_hr`` and ``post_sample``, added ``setup``,
+# ``process_images`` and ``before_process_batch``, builds ``elem_id`` as ``{tab}_script_{title}_{id}``,
+# starts ``args_from``/``args_to`` at 0, and its runner reads a script's args from ``p.per_script_args`` first.
 class Script:
     name = None
     filename = None
@@ -725,6 +702,8 @@ def process_images_inner(p):
 # =============================================================================================
 # XYZ (scripts/xyz_grid.py + scripts/xyz/xyz_grid_classes.py), paste, API
 # =============================================================================================
+# Apart from the A1111 double's: SD.Next's AxisOption has no ``prepare``, its script class is
+# ``XYZGridScript``, and its cells carry ``pc.xyz = True``.
 class AxisOption:
     def __init__(self, label, tipe, apply, fmt=None, confirm=None, cost=0.0, choices=None):
         self.label, self.type, self.apply, self.format_value = label, tipe, apply, fmt
@@ -815,11 +794,6 @@ class SDNext:
         self._build(model, refiner_model)
 
     def _build(self, model, refiner_model):
-        def module(name, **attrs):
-            m = types.ModuleType(name)
-            m.__dict__.update(attrs)
-            return m
-
         self.shared = module("modules.shared", opts=self.opts, state=self.state, sd_model=model,
                              sd_refiner=refiner_model, OptionInfo=OptionInfo,
                              cmd_opts=types.SimpleNamespace(lowvram=False, medvram=False))
