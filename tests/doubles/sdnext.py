@@ -191,10 +191,10 @@ def _make_script_callbacks() -> types.ModuleType:
 AlwaysVisible = object()
 
 
-# Apart from the A1111 double's Script / ScriptRunner on purpose: SD.Next's fork dropped
-# ``process_before_every_sampling``, ``before_hr`` and ``post_sample``, added ``setup``,
-# ``process_images`` and ``before_process_batch``, builds ``elem_id`` as ``{tab}_script_{title}_{id}``,
-# starts ``args_from``/``args_to`` at 0, and its runner reads a script's args from ``p.per_script_args`` first.
+# Apart from the A1111 double's Script / ScriptRunner on purpose: SD.Next's (058a7f0c) has no
+# ``process_before_every_sampling`` nor ``before_hr``, builds ``elem_id`` as ``{tab}_script_{title}_{id}``,
+# starts ``args_from``/``args_to`` at 0, and its runner reads a script's args from ``p.per_script_args``
+# first; each double has the hooks its host's processing path calls.
 class Script:
     name = None
     filename = None
