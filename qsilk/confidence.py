@@ -43,7 +43,7 @@ def lite_source(x: torch.Tensor, variant: str = "qsilk", out: torch.Tensor | Non
     e = q[..., 1:, 1:] - q[..., :-1, :-1]
     f = q[..., :-1, 1:] - q[..., 1:, :-1]
     # Σ_c (e² + f²) by a plain channel sum (a norm reduction over channels is ~80× slower on CPU)
-    total = torch.addcmul(e * e, f, f).sum(1, keepdim=True)
+    total = e.mul_(e).addcmul_(f, f).sum(1, keepdim=True)  # in place: e, f are new tensors
     if scaled:  # lite_map's own scale, inside the root (exact for exact inputs)
         return torch.sqrt(total.mul_(2.0 / x.shape[1]), out=out), 1.0
     g = torch.sqrt(total, out=out)
