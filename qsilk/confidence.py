@@ -154,6 +154,13 @@ def _percentiles(a: torch.Tensor) -> torch.Tensor:
     return row_quantiles(a.flatten(1), PERCENTILES).t().reshape(3, -1, 1, 1, 1)
 
 
+@lru_cache(maxsize=16)
+def _spread_terms(lite_eps: float, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(bias, M)`` with ``bias + [p2, p50, p98]·M = [p98 − p2, lite_eps + ½·p50]`` (cached)."""
+    mat = torch.tensor([[-1.0, 0.0], [0.0, 0.5], [1.0, 0.0]], dtype=dtype).to(device)
+    return torch.tensor([0.0, lite_eps], dtype=dtype).to(device), mat
+
+
 def normalise_tiles(a: torch.Tensor, lite_eps: float | None) -> torch.Tensor:
     """`normalise_qsilk` of a ``(B, 1, n_h, n_w)`` tile-grid source in a handful of ops: with
     `lite_eps` (Lite: ``τ = 0.5·p50 + lite_eps``; ``1e-12`` on `lite_map`'s scale), else the Attn
@@ -161,12 +168,15 @@ def normalise_tiles(a: torch.Tensor, lite_eps: float | None) -> torch.Tensor:
     flat = a.flatten(1)
     levels = PERCENTILES if lite_eps is not None else (PERCENTILES[0], PERCENTILES[2])
     q = row_quantiles(flat, levels)
-    p2, p98 = q[:, :1], q[:, -1:]
-    r = p98 - p2
+    p98 = q[:, -1:]
     if lite_eps is not None:
-        r = torch.maximum(r, torch.add(scalar(lite_eps, a.dtype, str(a.device)), q[:, 1:2], alpha=0.5))
+        # [p98 − p2, lite_eps + ½·p50] as one matrix product: each column is one rounding of
+        # two terms (the others are exact zeros), bit-equal to the subtraction and the add
+        bias, mat = _spread_terms(float(lite_eps), a.dtype, str(a.device))
+        both = torch.addmm(bias, q, mat)
+        r = torch.maximum(both[:, :1], both[:, 1:])
     else:
-        r = r.clamp_min(ATTN_TAU)
+        r = (p98 - q[:, :1]).clamp_min(ATTN_TAU)
     c = torch.addcdiv(scalar(1.0, a.dtype, str(a.device)), flat - p98, r)
     return c.clamp_(0.0, 1.0).view(a.shape)
 
