@@ -12,7 +12,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from .consts import scalar
+from .consts import scalar, scratch
 
 #: Floor of the percentile spread for a given (Attn) confidence map (spec §3.3).
 ATTN_TAU = 0.05
@@ -38,12 +38,16 @@ def lite_source(x: torch.Tensor, variant: str = "qsilk", out: torch.Tensor | Non
     if variant == "paper":
         x = x.mean(1, keepdim=True)
     p = F.pad(x, (1, 1, 1, 1), mode="replicate")
-    h = p[..., 1:] + p[..., :-1]
-    q = h[..., 1:, :] + h[..., :-1, :]                                # 2×2 box sums, (B, C, H+1, W+1)
-    e = q[..., 1:, 1:] - q[..., :-1, :-1]
-    f = q[..., :-1, 1:] - q[..., 1:, :-1]
+    # temporaries in reused CPU buffers (`consts.scratch`; e reuses h's, which q has consumed)
+    b, c, hh, ww = x.shape
+    hbuf = scratch((b * c * (hh + 2) * (ww + 1),), x.dtype, x.device, "lite.h")
+    h = torch.add(p[..., 1:], p[..., :-1], out=hbuf.view(b, c, hh + 2, ww + 1))
+    q = torch.add(h[..., 1:, :], h[..., :-1, :], out=scratch((b, c, hh + 1, ww + 1), x.dtype, x.device, "lite.q"))
+    # 2×2 box sums q, (B, C, H+1, W+1)
+    e = torch.sub(q[..., 1:, 1:], q[..., :-1, :-1], out=hbuf[:b * c * hh * ww].view(b, c, hh, ww))
+    f = torch.sub(q[..., :-1, 1:], q[..., 1:, :-1], out=scratch((b, c, hh, ww), x.dtype, x.device, "lite.f"))
     # Σ_c (e² + f²) by a plain channel sum (a norm reduction over channels is ~80× slower on CPU)
-    total = e.mul_(e).addcmul_(f, f).sum(1, keepdim=True)  # in place: e, f are new tensors
+    total = e.mul_(e).addcmul_(f, f).sum(1, keepdim=True)
     if scaled:  # lite_map's own scale, inside the root (exact for exact inputs)
         return torch.sqrt(total.mul_(2.0 / x.shape[1]), out=out), 1.0
     g = torch.sqrt(total, out=out)
