@@ -199,7 +199,7 @@ def aqclip_unmasked(x: torch.Tensor, confidence: torch.Tensor | None = None, *, 
       percentiles by one ``topk``), the EMA as one ``lerp`` and one ``where``;
     - corridor: the limiter's per-tile constants as one tensor, in a few small ops;
     - limiter and overlap-add: all ⌈T/S⌉² tile phases as one strided view of the padded latent
-      (`tiles.phase_view`), the limiter's change in 2–5 element-wise ops on all of them at once,
+      (`tiles.phase_view`), the limiter's change in 2–7 element-wise ops on all of them at once,
       then one weighted add per phase into the sum (when ``⌈T/S⌉² ≤ 4``: temporaries ≤ 4× the
       padded latent); larger ratios loop over the phases (memory O(C·H·W)).
     """
