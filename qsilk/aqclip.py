@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import confidence as cf
-from .consts import scalar, zeroed_scratch
+from .consts import scalar, scratch, zeroed_scratch
 from .limiter import check_shape_alpha
 from .tiles import (TileGrid, batched, blend_factor, layout, phase_view, phase_weight, spread_tiles, tile_grid,
                     tile_params_view, window)
@@ -199,7 +199,7 @@ def aqclip_unmasked(x: torch.Tensor, confidence: torch.Tensor | None = None, *, 
       percentiles by one ``topk``), the EMA as one ``lerp`` and one ``where``;
     - corridor: the limiter's per-tile constants as one tensor, in a few small ops;
     - limiter and overlap-add: all ⌈T/S⌉² tile phases as one strided view of the padded latent
-      (`tiles.phase_view`), the limiter's change in 2–5 element-wise ops on all of them at once,
+      (`tiles.phase_view`), the limiter's change in 2–7 element-wise ops on all of them at once,
       then one weighted add per phase into the sum (when ``⌈T/S⌉² ≤ 4``: temporaries ≤ 4× the
       padded latent); larger ratios loop over the phases (memory O(C·H·W)).
     """
@@ -208,14 +208,14 @@ def aqclip_unmasked(x: torch.Tensor, confidence: torch.Tensor | None = None, *, 
     grid = tile_grid(h, w, tile, stride)
     dev = str(x.device)
     x32 = x.float()
-    x64 = x32.double()
+    x64 = scratch(x.shape, torch.float64, x.device, "x64").copy_(x32)
     mean = F.adaptive_avg_pool2d(x64, 1)  # (B, C, 1, 1); NaN/±Inf iff the channel holds one
     if finite is None:
         total = mean.sum((1, 2, 3))
         finite = torch.sub(total, total) == 0
     reuse = _start_evaluation(state, (variant, tuple(x.shape), grid, dev), confidence is not None)
     # [d, d², source] written straight into one buffer (no concatenation), pooled together below
-    moments = torch.empty((b, 2 * c + (0 if reuse else 1), h, w), dtype=torch.float64, device=x.device)
+    moments = scratch((b, 2 * c + (0 if reuse else 1), h, w), torch.float64, x.device, "moments")
     d = torch.sub(x64, mean, out=moments[:, :c])
     # + 1e-60: every variance below is > 0, so σ_eff > 0 (ρ > 0) and the soft limiter's (1−k)δ is
     # a safe divisor without a clamp; far below float64 resolution of any real variance
@@ -367,10 +367,11 @@ def _params_buffer(shape: str, grid_shape: tuple[int, ...], grid: TileGrid, hw: 
 def _change(v: torch.Tensor, p: tuple[torch.Tensor, ...], shape: str) -> torch.Tensor:
     """The limiter's change ``x − L(x)`` of float32 values `v` given `_params` rows `p`
     (broadcastable): exactly ±0 wherever the shape keeps the value (hard: inside ``[l, h]``;
-    soft: inside the knee ``[m − kδ, m + kδ]``). A new tensor."""
+    soft: inside the knee ``[m − kδ, m + kδ]``). A `consts.scratch` tensor (valid until the next
+    call)."""
     # the first op writes a contiguous tensor (a view of overlapping tiles gives its output an
     # odd layout otherwise, which slows every later op)
-    first = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    first = scratch(v.shape, v.dtype, v.device, "change.s")
     if shape == "hard":
         t = torch.clamp(v, p[0], p[1], out=first)
         return torch.sub(v, t, out=t)
@@ -383,11 +384,11 @@ def _change(v: torch.Tensor, p: tuple[torch.Tensor, ...], shape: str) -> torch.T
         # change is s − (1−k)δ·tanh(s/((1−k)δ)) (tanh is odd: the sign comes with s)
         s = torch.clamp(v, p[0], p[1], out=first)
         s = torch.sub(v, s, out=s)
-        t = torch.div(s, p[2]).exp_().add_(1.0)
+        t = torch.div(s, p[2], out=scratch(v.shape, v.dtype, v.device, "change.t")).exp_().add_(1.0)
     else:
         s = torch.sub(v, p[0], out=first)         # tanh: u − δ·tanh(α·u/δ), rows (m, 2α/δ, δ/2)
-        t = torch.mul(s, p[1]).exp_().add_(1.0)
-    return torch.addcdiv(torch.add(s, p[2], alpha=-2.0), p[2], t, value=4.0, out=t)
+        t = torch.mul(s, p[1], out=scratch(v.shape, v.dtype, v.device, "change.t")).exp_().add_(1.0)
+    return torch.addcdiv(s.add_(p[2], alpha=-2.0), p[2], t, value=4.0, out=t)
 
 
 def _overlap_add(x32: torch.Tensor, params: torch.Tensor, grid: TileGrid, shape: str, triangular: bool
@@ -412,7 +413,7 @@ def _overlap_add(x32: torch.Tensor, params: torch.Tensor, grid: TileGrid, shape:
         # overlap-add: one weighted add per phase into its (non-overlapping) tiles' places; where
         # phase (0, 0) covers the whole latent its product initialises the sum (no zero fill)
         weight = phase_weight(grid, triangular, str(x32.device), (h, w))
-        acc = torch.empty_like(xe) if lay.first_covers else torch.zeros_like(xe)
+        acc = scratch(xe.shape, xe.dtype, xe.device, "acc") if lay.first_covers else torch.zeros_like(xe)
         for pi in range(lay.r):
             for pj in range(lay.r):
                 place = phase_view(acc, grid, lay)[:, :, pi, :, :, pj]

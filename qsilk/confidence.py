@@ -12,7 +12,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from .consts import scalar
+from .consts import scalar, scratch
 
 #: Floor of the percentile spread for a given (Attn) confidence map (spec §3.3).
 ATTN_TAU = 0.05
@@ -38,12 +38,16 @@ def lite_source(x: torch.Tensor, variant: str = "qsilk", out: torch.Tensor | Non
     if variant == "paper":
         x = x.mean(1, keepdim=True)
     p = F.pad(x, (1, 1, 1, 1), mode="replicate")
-    h = p[..., 1:] + p[..., :-1]
-    q = h[..., 1:, :] + h[..., :-1, :]                                # 2×2 box sums, (B, C, H+1, W+1)
-    e = q[..., 1:, 1:] - q[..., :-1, :-1]
-    f = q[..., :-1, 1:] - q[..., 1:, :-1]
+    # temporaries in reused CPU buffers (`consts.scratch`; e reuses h's, which q has consumed)
+    b, c, hh, ww = x.shape
+    hbuf = scratch((b * c * (hh + 2) * (ww + 1),), x.dtype, x.device, "lite.h")
+    h = torch.add(p[..., 1:], p[..., :-1], out=hbuf.view(b, c, hh + 2, ww + 1))
+    q = torch.add(h[..., 1:, :], h[..., :-1, :], out=scratch((b, c, hh + 1, ww + 1), x.dtype, x.device, "lite.q"))
+    # 2×2 box sums q, (B, C, H+1, W+1)
+    e = torch.sub(q[..., 1:, 1:], q[..., :-1, :-1], out=hbuf[:b * c * hh * ww].view(b, c, hh, ww))
+    f = torch.sub(q[..., :-1, 1:], q[..., 1:, :-1], out=scratch((b, c, hh, ww), x.dtype, x.device, "lite.f"))
     # Σ_c (e² + f²) by a plain channel sum (a norm reduction over channels is ~80× slower on CPU)
-    total = torch.addcmul(e * e, f, f).sum(1, keepdim=True)
+    total = e.mul_(e).addcmul_(f, f).sum(1, keepdim=True)
     if scaled:  # lite_map's own scale, inside the root (exact for exact inputs)
         return torch.sqrt(total.mul_(2.0 / x.shape[1]), out=out), 1.0
     g = torch.sqrt(total, out=out)
@@ -154,6 +158,13 @@ def _percentiles(a: torch.Tensor) -> torch.Tensor:
     return row_quantiles(a.flatten(1), PERCENTILES).t().reshape(3, -1, 1, 1, 1)
 
 
+@lru_cache(maxsize=16)
+def _spread_terms(lite_eps: float, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(bias, M)`` with ``bias + [p2, p50, p98]·M = [p98 − p2, lite_eps + ½·p50]`` (cached)."""
+    mat = torch.tensor([[-1.0, 0.0], [0.0, 0.5], [1.0, 0.0]], dtype=dtype).to(device)
+    return torch.tensor([0.0, lite_eps], dtype=dtype).to(device), mat
+
+
 def normalise_tiles(a: torch.Tensor, lite_eps: float | None) -> torch.Tensor:
     """`normalise_qsilk` of a ``(B, 1, n_h, n_w)`` tile-grid source in a handful of ops: with
     `lite_eps` (Lite: ``τ = 0.5·p50 + lite_eps``; ``1e-12`` on `lite_map`'s scale), else the Attn
@@ -161,12 +172,15 @@ def normalise_tiles(a: torch.Tensor, lite_eps: float | None) -> torch.Tensor:
     flat = a.flatten(1)
     levels = PERCENTILES if lite_eps is not None else (PERCENTILES[0], PERCENTILES[2])
     q = row_quantiles(flat, levels)
-    p2, p98 = q[:, :1], q[:, -1:]
-    r = p98 - p2
+    p98 = q[:, -1:]
     if lite_eps is not None:
-        r = torch.maximum(r, torch.add(scalar(lite_eps, a.dtype, str(a.device)), q[:, 1:2], alpha=0.5))
+        # [p98 − p2, lite_eps + ½·p50] as one matrix product: each column is one rounding of
+        # two terms (the others are exact zeros), bit-equal to the subtraction and the add
+        bias, mat = _spread_terms(float(lite_eps), a.dtype, str(a.device))
+        both = torch.addmm(bias, q, mat)
+        r = torch.maximum(both[:, :1], both[:, 1:])
     else:
-        r = r.clamp_min(ATTN_TAU)
+        r = (p98 - q[:, :1]).clamp_min(ATTN_TAU)
     c = torch.addcdiv(scalar(1.0, a.dtype, str(a.device)), flat - p98, r)
     return c.clamp_(0.0, 1.0).view(a.shape)
 
