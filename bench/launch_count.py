@@ -360,6 +360,26 @@ def _host_result(events, glue: frozenset[str], evaluations: int) -> dict:
             "syncs_total": whole["syncs"], "sync_ops": whole["sync_ops"]}
 
 
+def _count_host_run(run: Callable[[], Any], glue: list[tuple[Any, str, str]]) -> dict:
+    """Warm `run` up, then profile one more `run` with the `glue` labelled, counting the
+    evaluations that reach `Stabilizer.post_cfg`: `_host_result` of it."""
+    with scoped(glue + _core_targets()):
+        run()
+        evaluations = []
+        orig = Stabilizer.post_cfg
+
+        def counting(self, *a, **k):
+            evaluations.append(1)
+            return orig(self, *a, **k)
+
+        Stabilizer.post_cfg = counting
+        try:
+            events = profiled(run)
+        finally:
+            Stabilizer.post_cfg = orig
+    return _host_result(events, frozenset(label for _, _, label in glue), len(evaluations))
+
+
 def _a1111(preset: str, overrides: dict, sampler: str, steps: int) -> dict:
     from doubles import a1111 as d
     from qsilk.hosts import a1111 as adapter
@@ -370,22 +390,8 @@ def _a1111(preset: str, overrides: dict, sampler: str, steps: int) -> dict:
         request = [{"preset": preset, **overrides}]
         glue = [(adapter.Job, "_on_cfg_denoiser", "qsilk::a1111_cfg_denoiser"),
                 (adapter.Job, "_on_cfg_after_cfg", "qsilk::a1111_after_cfg")]
-        with scoped(glue + _core_targets()):
-            harness.txt2img(request, width=64, height=64, steps=steps, sampler_name=sampler)  # warm-up
-            evaluations = []
-            orig = Stabilizer.post_cfg
-
-            def counting(self, *a, **k):
-                evaluations.append(1)
-                return orig(self, *a, **k)
-
-            Stabilizer.post_cfg = counting
-            try:
-                events = profiled(lambda: harness.txt2img(request, width=64, height=64, steps=steps,
-                                                          sampler_name=sampler))
-            finally:
-                Stabilizer.post_cfg = orig
-        return _host_result(events, frozenset(label for _, _, label in glue), len(evaluations))
+        return _count_host_run(
+            lambda: harness.txt2img(request, width=64, height=64, steps=steps, sampler_name=sampler), glue)
     finally:
         webui.uninstall()
 
@@ -408,21 +414,7 @@ def _forge(preset: str, overrides: dict, sampler: str, steps: int) -> dict:
             p.scripts = fw.ScriptRunner([mod.QSilkScript()], [[{"preset": preset, **overrides}]])
             return fw.process_images(p)
 
-        with scoped(glue + _core_targets()):
-            job()
-            evaluations = []
-            orig = Stabilizer.post_cfg
-
-            def counting(self, *a, **k):
-                evaluations.append(1)
-                return orig(self, *a, **k)
-
-            Stabilizer.post_cfg = counting
-            try:
-                events = profiled(job)
-            finally:
-                Stabilizer.post_cfg = orig
-        return _host_result(events, frozenset(label for _, _, label in glue), len(evaluations))
+        return _count_host_run(job, glue)
     finally:
         h.uninstall()
         for j in list(forge._LIVE_JOBS):
@@ -439,22 +431,8 @@ def _comfy(preset: str, overrides: dict, sampler: str, steps: int) -> dict:
             (patcher.AttentionCapture, "watches", "qsilk::attn1_observer")]
     model = dc.sd15_like()
     lat = {"samples": torch.zeros(1, 4, 16, 16)}
-    with scoped(glue + _core_targets()):
-        patched = comfy.patch_model(model, Settings.from_preset(preset, **overrides))
-        dc.ksampler(patched, lat, steps=steps, sampler_name=sampler)
-        evaluations = []
-        orig = Stabilizer.post_cfg
-
-        def counting(self, *a, **k):
-            evaluations.append(1)
-            return orig(self, *a, **k)
-
-        Stabilizer.post_cfg = counting
-        try:
-            events = profiled(lambda: dc.ksampler(patched, lat, steps=steps, sampler_name=sampler))
-        finally:
-            Stabilizer.post_cfg = orig
-    return _host_result(events, frozenset(label for _, _, label in glue), len(evaluations))
+    patched = comfy.patch_model(model, Settings.from_preset(preset, **overrides))
+    return _count_host_run(lambda: dc.ksampler(patched, lat, steps=steps, sampler_name=sampler), glue)
 
 
 #: Host runs: Balanced (Attn, probe on) with a step window that is not the whole pass, so the
