@@ -145,12 +145,17 @@ def test_micro_clamp_processes_a_finite_sample_spanning_float32_range(shape):
         assert out[0].min() >= x[0].min() and out[0].max() <= x[0].max()
 
 
-@pytest.mark.parametrize("fill", ["+inf", "-inf", "both", "nan+inf", "nan"])
-def test_micro_clamp_nonfinite_only_samples_pass_through(fill):
+@pytest.mark.parametrize("fill", ["+inf", "-inf", "both", "nan+inf", "nan", "one -inf", "one +inf", "one nan",
+                                  "-inf+nan"])
+def test_micro_clamp_nonfinite_samples_pass_through(fill):
     x = _latent(7, (3, 2, 8, 8))
-    vals = {"+inf": [float("inf")], "-inf": [float("-inf")], "both": [float("inf"), float("-inf")],
-            "nan+inf": [float("nan"), float("inf")], "nan": [float("nan")]}[fill]
-    x[1] = torch.tensor(vals).repeat(128)[:128].view(2, 8, 8)
+    inf, nan = float("inf"), float("nan")
+    vals = {"+inf": [inf], "-inf": [-inf], "both": [inf, -inf], "nan+inf": [nan, inf], "nan": [nan],
+            "-inf+nan": [-inf, nan]}.get(fill)
+    if vals is None:  # finite values and one non-finite one (at the min end, the max end, NaN)
+        x[1, 0, 3, 4] = {"one -inf": -inf, "one +inf": inf, "one nan": nan}[fill]
+    else:
+        x[1] = torch.tensor(vals).repeat(128)[:128].view(2, 8, 8)
     out = micro_clamp(x, 0.01, 0.99)
     assert torch.equal(out[1].isnan(), x[1].isnan()) and torch.equal(out[1].nan_to_num(), x[1].nan_to_num())
     alone = micro_clamp(x[[0, 2]], 0.01, 0.99)
