@@ -217,9 +217,12 @@ def aqclip_unmasked(x: torch.Tensor, confidence: torch.Tensor | None = None, *, 
     # [d, d², source] written straight into one buffer (no concatenation), pooled together below
     moments = scratch((b, 2 * c + (0 if reuse else 1), h, w), torch.float64, x.device, "moments")
     d = torch.sub(x64, mean, out=moments[:, :c])
-    # + 1e-60: every variance below is > 0, so σ_eff > 0 (ρ > 0) and the soft limiter's (1−k)δ is
-    # a safe divisor without a clamp; far below float64 resolution of any real variance
-    d2 = torch.addcmul(scalar(TINY * TINY, torch.float64, dev), d, d, out=moments[:, c:2 * c])
+    # qsilk: + 1e-60, so every variance below is > 0, σ_eff > 0 (ρ > 0) and the soft limiter's
+    # (1−k)δ is a safe divisor without a clamp; far below float64 resolution of any real variance.
+    # Not for `paper`: its corridor is asymmetric around μ, so a σ of 1e-30 would move an all-zero
+    # sample by ~1e-31 (a constant sample must come back unchanged); its rows clamp their divisors.
+    bias = TINY * TINY if variant == "qsilk" else 0.0
+    d2 = torch.addcmul(scalar(bias, torch.float64, dev), d, d, out=moments[:, c:2 * c])
     var_s = F.adaptive_avg_pool2d(d2, 1)  # two-pass sample variance
     lite_eps = None
     if not reuse:

@@ -51,9 +51,8 @@ def _order_stats(x: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch
 def _tails(x: torch.Tensor, q_lo: float, q_hi: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(l, h, finite)`` of float32 rows: `tail_quantiles` and, per row, whether it holds only
     finite values — from the two topk's extremes (``max − min < ∞``; NaN sorts above +∞), so no
-    extra pass over the row when the tails come from opposite ends (the usual q_lo < ½ < q_hi).
-    A row whose finite values span more than float32's range (|x| > 1.7e38 of both signs) counts
-    as non-finite."""
+    extra pass over the row when the tails come from opposite ends (the usual q_lo < ½ < q_hi);
+    ``max + 0·min < ∞``, so a finite row spanning float32's whole range counts as finite."""
     n = x.shape[1]
     out, ends = [], {}
     for q in (q_lo, q_hi):
@@ -65,7 +64,10 @@ def _tails(x: torch.Tensor, q_lo: float, q_hi: float) -> tuple[torch.Tensor, tor
         lo_end, hi_end = ends[False], ends[True]
     else:
         lo_end, hi_end = torch.aminmax(x, dim=1)  # same end for both tails (tiny rows, odd levels)
-    finite = torch.lt(torch.sub(hi_end, lo_end), scalar(math.inf, x.dtype, str(x.device)))
+    # hi + 0·lo < ∞: NaN or ±∞ at either end gives NaN or +∞ (0·±∞ = NaN); a finite row gives its
+    # max, so no overflow for finite rows spanning float32's range (hi − lo would be ∞)
+    dev = str(x.device)
+    finite = torch.lt(torch.addcmul(hi_end, lo_end, scalar(0.0, x.dtype, dev)), scalar(math.inf, x.dtype, dev))
     return out[0], out[1], finite
 
 

@@ -86,8 +86,10 @@ def limit(x: torch.Tensor, l: torch.Tensor, h: torch.Tensor, shape: str = "hard"
 
 def _half_width(l: torch.Tensor, h: torch.Tensor):
     """``m``, ``δ`` with degenerate corridors flagged and given ``δ = 1`` (never 0 or negative)."""
-    m = (l + h) * 0.5
-    delta = (h - l) * 0.5
+    # halves first: l + h and h − l overflow for bounds beyond ±1.7e38 (then δ = ∞ and tanh's
+    # m + δ·0 is NaN); ×0.5 is exact above the subnormals, so otherwise the same values
+    m = torch.add(l * 0.5, h, alpha=0.5)
+    delta = torch.sub(h * 0.5, l, alpha=0.5)
     degenerate = delta <= DEGENERATE_RTOL * (1.0 + m.abs())
     return m, torch.where(degenerate, torch.ones_like(delta), delta), degenerate
 
