@@ -44,6 +44,7 @@ import copy
 import functools
 import inspect
 import logging
+import sys
 import types
 import weakref
 from dataclasses import dataclass, field
@@ -379,6 +380,12 @@ class DiffusersRun:
                 if getattr(candidate, "scheduler", None) is scheduler:
                     pipe, index = candidate, i
                     break
+        running = _calling_pipeline(scheduler)
+        if running is not None and running is not pipe:
+            # pipelines sharing this scheduler (``Img2ImgPipeline(**pipe.components)``): the pass's
+            # loop length and CFG layout are those of the pipeline whose call is running
+            pipe = running
+            index = next((i for i, pipe_of in enumerate(self._pipes) if pipe_of() is running), index)
         index = index or 0
         kind = None
         if self.pass_kind is not None:
@@ -569,6 +576,24 @@ def _denoiser_of(pipe: Any) -> torch.nn.Module | None:
         module = getattr(pipe, name, None)
         if isinstance(module, torch.nn.Module):
             return module
+    return None
+
+
+def _calling_pipeline(scheduler: Any, depth: int = 64) -> Any:
+    """The pipeline whose ``__call__`` is running on this thread with this scheduler (the nearest
+    such frame), or None. Read once per pass, when it starts: pipelines built from one another's
+    components share the scheduler and the denoiser, so only the call stack says which one runs."""
+    frame = sys._getframe(1)
+    while frame is not None and depth > 0:
+        depth -= 1
+        if frame.f_code.co_name == "__call__":
+            obj = frame.f_locals.get("self")
+            try:
+                if getattr(obj, "scheduler", None) is scheduler and _denoiser_of(obj) is not None:
+                    return obj
+            except Exception:
+                pass
+        frame = frame.f_back
     return None
 
 
