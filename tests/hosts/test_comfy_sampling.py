@@ -86,6 +86,15 @@ def test_step_window_with_heun_counts_the_extra_evaluation_as_the_next_step():
     assert changed == [True, True, True, False, False]
 
 
+def test_step_window_with_dpm_2_counts_the_midpoint_evaluation_as_its_own_step():
+    patched, before, after = between(dc.sd15_like(), "Gentle", step_end=0.5)
+    dc.ksampler(patched, SD, steps=3, sampler_name="dpm_2")
+    # sigmas s0 s1 s2 0: evaluations at s0, mid(s0, s1), s1, mid(s1, s2), s2 -> step_of_sigma's
+    # indices 0 0 1 1 2 of n = 3 (the midpoint comes after the sampler's report of its step)
+    changed = [not torch.equal(b[0], a[0]) for b, a in zip(before, after)]
+    assert changed == [True, True, True, True, False]
+
+
 def test_step_window_from_the_samplers_callback_never_reads_sigma(monkeypatch):
     """The evaluation's step comes from the sampler's own step callback (issue #14): σ, a device
     tensor on a GPU, is never read back per evaluation; the node's own callback still runs."""
