@@ -153,6 +153,7 @@ class _Denoiser:
     probe: EntropyProbe | None = None
     handles: list = field(default_factory=list)
     img_ids: Any = None
+    attn: Any = None  # the probed attention module
 
 
 class DiffusersRun:
@@ -239,6 +240,7 @@ class DiffusersRun:
             return
         den.probe = EntropyProbe(heads=self.settings.probe_heads, max_queries=self.settings.probe_queries)
         den.probe.attach(attn, factor=probe_layer_factor(module, name))
+        den.attn = attn
 
     def _wrap(self, scheduler: Any) -> None:
         """Put QSilk's ``step`` on this scheduler object (once), keeping the signature."""
@@ -359,9 +361,9 @@ class DiffusersRun:
                 sample = args[0] if args else kwargs.get("sample")
                 if isinstance(sample, torch.Tensor) and sample.dim() == 4 and self.stabilizer.in_window(
                         ps.count, ps.total):
-                    chunks, cond = _cfg_layout(ps.pipe)
+                    chunks, cond, probed = _cfg_layout(ps.pipe, den.attn)
                     den.probe.begin_evaluation(tuple(sample.shape[-2:]), sample.shape[0] // chunks,
-                                               functools.partial(_cond_rows, chunks, cond))
+                                               functools.partial(_cond_rows, probed, cond))
                     ps.eval_probe = den.probe
         except Exception as exc:
             self.glue_error("preparing an evaluation", exc)
@@ -627,12 +629,17 @@ def _ends_at_zero(scheduler: Any, family: str | None, timestep: Any) -> bool:
     return index >= len(sigmas) - 1
 
 
-def _cfg_layout(pipe: Any) -> tuple[int, int]:
-    """``(chunks, cond chunk)`` of the denoiser's batch: ``[uncond; cond]`` with CFG, a third
-    (perturbed) chunk with PAG, else one cond chunk."""
+def _cfg_layout(pipe: Any, attn: Any = None) -> tuple[int, int, int]:
+    """``(chunks, cond chunk, chunks at the probed layer's to_q)`` of the denoiser's batch:
+    ``[uncond; cond]`` with CFG, a third (perturbed) chunk with PAG, else one cond chunk. Where PAG
+    put its processor on the probed layer (``PAGCFGIdentitySelfAttnProcessor2_0`` /
+    ``PAGIdentitySelfAttnProcessor2_0``: ``to_q`` sees the chunks before the perturbed one only),
+    ``to_q``'s rows lack the perturbed chunk."""
     cfg = bool(getattr(pipe, "do_classifier_free_guidance", False))
     pag = bool(getattr(pipe, "do_perturbed_attention_guidance", False))
-    return 1 + int(cfg) + int(pag), int(cfg)
+    chunks = 1 + int(cfg) + int(pag)
+    pag_here = pag and type(getattr(attn, "processor", None)).__name__.startswith("PAG")
+    return chunks, int(cfg), chunks - int(pag_here)
 
 
 def _cond_rows(chunks: int, cond: int, rows: int) -> list[tuple[int, int, int]] | None:

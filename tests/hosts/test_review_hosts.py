@@ -10,6 +10,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import diffusers_pipes as dp  # noqa: E402
 from qsilk.hosts import diffusers as qd  # noqa: E402
+from qsilk.probe import entropy_map, find_probe_layer, upsample_to_latent  # noqa: E402
 from qsilk.settings import Settings  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -134,3 +135,51 @@ def test_schedulers_run_to_pre_decode(sd15, cls, config, steps):
     assert torch.isfinite(out).all()
     rep = run.last_report
     assert rep["pre_decodes"] == 1, (rep, run.notes)
+
+
+def _spy_maps(run, maps):
+    post_cfg = run.stabilizer.post_cfg
+    run.stabilizer.post_cfg = lambda x0, i, n, probe_map=None, **k: (
+        maps.append(probe_map), post_cfg(x0, i, n, probe_map, **k))[1]
+
+
+@pytest.mark.parametrize("guidance", [5.0, 1.0], ids=["cfg", "no-cfg"])
+@pytest.mark.parametrize("layers", [["mid"], ["down", "mid", "up"]], ids=["pag-mid", "pag-everywhere"])
+def test_pag_pipeline_probe_reads_the_cond_rows(sd15, guidance, layers):
+    pipe = diffusers.StableDiffusionPAGPipeline(**sd15.components, pag_applied_layers=layers)
+    pipe.set_progress_bar_config(disable=True)
+    maps = []
+    try:
+        with qd.attach(pipe, echo=False) as run:
+            _spy_maps(run, maps)
+            out = pipe(**dp.sd15_call(guidance_scale=guidance, pag_scale=2.0)).images
+    finally:
+        sd15.unet.set_attn_processor(diffusers.models.attention_processor.AttnProcessor2_0())
+    assert torch.isfinite(out).all() and len(maps) == 4
+    assert all(m is not None and m.shape[0] == 1 for m in maps), run.notes
+
+
+
+def test_pag_on_the_probed_layer_with_a_batch_of_three_reads_the_cond_rows(sd15):
+    """PAG's processor on the probed layer runs to_q on ``[uncond; cond]`` only (6 rows for 3
+    images): the map must come from rows 3..5 (a 3-chunk split would take rows 2..3: one uncond, one cond)."""
+    pipe = diffusers.StableDiffusionPAGPipeline(**sd15.components, pag_applied_layers=["down", "mid", "up"])
+    pipe.set_progress_bar_config(disable=True)
+    name, attn = find_probe_layer(sd15.unet)
+    captured, maps = {}, []
+    handles = [attn.to_q.register_forward_hook(lambda m, a, o: captured.setdefault("q", []).append(o.detach())),
+               attn.to_k.register_forward_hook(lambda m, a, o: captured.setdefault("k", []).append(o.detach()))]
+    try:
+        with qd.attach(pipe, echo=False) as run:
+            _spy_maps(run, maps)
+            pipe(**dp.sd15_call(num_images_per_prompt=3, pag_scale=2.0, num_inference_steps=2))
+    finally:
+        for h in handles:
+            h.remove()
+        sd15.unet.set_attn_processor(diffusers.models.attention_processor.AttnProcessor2_0())
+    q, k = captured["q"][0], captured["k"][0]
+    assert q.shape[0] == 6 and len(maps) == 2
+    side = int(q.shape[1] ** 0.5)
+    expected = upsample_to_latent(entropy_map(q[3:6], k[3:6], (side, side), num_heads=attn.heads, heads=2,
+                                              max_queries=run.settings.probe_queries), (16, 16), 16 // side)
+    assert maps[0] is not None and maps[0].shape == (3, 1, 16, 16) and torch.equal(maps[0], expected)
