@@ -122,6 +122,14 @@ def test_detach_twice_and_a_users_own_step_restored(sd15):
     ("UniPCMultistepScheduler", {"solver_order": 3}),
     ("HeunDiscreteScheduler", {}),
     ("DDIMScheduler", {}),
+    ("DDIMScheduler", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
+                       "prediction_type": "v_prediction"}),
+    ("LCMScheduler", {}),
+    ("TCDScheduler", {}),
+    ("DEISMultistepScheduler", {}),
+    ("DPMSolverSinglestepScheduler", {}),
+    ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    ("DDPMScheduler", {}),
 ])
 @pytest.mark.parametrize("steps", [1, 3])
 def test_schedulers_run_to_pre_decode(sd15, cls, config, steps):
