@@ -411,3 +411,35 @@ def test_an_interrupted_run_leaves_no_hooks_and_the_next_run_works():
     assert state.run is None
     dc.ksampler(patched, SD, steps=3)
     assert comfy.last_report(patched)["attn_maps"] == 3
+
+
+#: Evaluation σ and step reports ("cb", i) in the order the real samplers make them
+#: (ComfyUI a125cd84 ``comfy/k_diffusion/sampling.py``, recorded with a stand-in model on this schedule).
+RECORDED_SCHEDULE = [14.6, 7.0, 3.5, 1.5, 0.6, 0.0]
+RECORDED = {
+    "sample_heunpp2": [14.6, 0, 7.0, 3.5, 7.0, 1, 3.5, 1.5, 3.5, 2, 1.5, 0.6, 1.5, 3, 0.6, 0.6, 4],
+    "sample_sa_solver_pece": [14.6, 0, 7.0, 1, 7.0, 3.5, 2, 3.5, 1.5, 3, 1.5, 0.6, 4, 0.6],
+    "sample_dpm_2": [14.6, 0, 10.109, 7.0, 1, 4.95, 3.5, 2, 2.291, 1.5, 3, 0.949, 0.6, 4],
+    "sample_seeds_3": [14.6, 0, 11.427, 8.944, 7.0, 1, 5.556, 4.41, 3.5, 2, 2.639, 1.99, 1.5, 3, 1.105, 0.814,
+                       0.6, 4],
+    "sample_heun": [14.6, 0, 7.0, 7.0, 1, 3.5, 3.5, 2, 1.5, 1.5, 3, 0.6, 4],
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECORDED))
+def test_step_window_index_from_reports_matches_step_of_sigma_on_real_sequences(name):
+    """Each evaluation's step, from the sampler's reports and the evaluations since (no σ read),
+    is `step_of_sigma`'s index of its σ."""
+    import types
+    run = comfy.ComfyRun(Settings.from_preset("Gentle", step_start=0.3),
+                         types.SimpleNamespace(sampler_function=types.SimpleNamespace(__name__=name)),
+                         torch.tensor(RECORDED_SCHEDULE), None)
+    report, got, expected = run.step_callback(None), [], []
+    run.stabilizer.post_cfg = lambda x0, step, total, *a, **k: got.append(step) or x0
+    for event in RECORDED[name]:
+        if isinstance(event, int):
+            report(event, None, None, len(RECORDED_SCHEDULE) - 1)
+            continue
+        run.post_cfg({"denoised": torch.zeros(1, 4, 8, 8), "sigma": torch.tensor([event])})
+        expected.append(comfy.step_of_sigma(event, RECORDED_SCHEDULE)[0])
+    assert got == expected and len(got) == sum(isinstance(e, float) for e in RECORDED[name])
