@@ -22,8 +22,9 @@ functions put there are closures, which ``deepcopy`` keeps as they are) carrying
   place; no other sampler of ``comfy/samplers.py`` ``SAMPLER_NAMES`` writes to it.
 - **Per evaluation**: a post-CFG function on ``denoised`` (x0). The step window is the evaluation's
   step in the run: ``i`` = the steps the sampler reported done through its callback (wrapped in
-  the ``sampler_sample`` wrapper; no read of the σ tensor per evaluation), of
-  ``n = len(sigmas) − 1`` (progress ``i/(n−1)``, as the WebUIs' evaluation index). ComfyUI skips the
+  the ``sampler_sample`` wrapper; no read of the σ tensor per evaluation) — for samplers that
+  evaluate between two sigmas after reporting a step (``REPORT_OFFSETS``), counted so that each
+  evaluation gets `step_of_sigma`'s index — of ``n = len(sigmas) − 1`` (progress ``i/(n−1)``, as the WebUIs' evaluation index). ComfyUI skips the
   uncond pass at CFG 1 (``uncond`` None, ``uncond_denoised`` zeros): QSilk reads neither.
 - **Entropy probe** (SD1.x/SD2/SDXL UNets): forward hooks on the probed ``attn1``'s ``to_q`` / ``to_k``
   (attached only while a run of this model samples) and an observing ``attn1_patch`` that returns
@@ -152,6 +153,22 @@ class _RunState:
             self.run.glue_error(where, exc)
 
 
+#: k-diffusion samplers of ``comfy/k_diffusion/sampling.py`` (a125cd84) whose evaluations right
+#: after a step report are not all at the next step by `step_of_sigma`: ``name → (offsets, first)``,
+#: the offsets, from the steps reported done, of the evaluations after the report of step ``i``
+#: (for ``i ≥ first``); later evaluations get offset 0. Checked against the real samplers by
+#: recording each evaluation's σ and the steps reported before it.
+REPORT_OFFSETS: dict[str, tuple[tuple[int, ...], int]] = {
+    "sample_dpm_2": ((-1,), 0),  # step i: σ_i, report i, the midpoint between σ_i and σ_i+1
+    "sample_dpmpp_sde": ((-1,), 0),  # the same shape (its midpoint in log σ)
+    "sample_dpmpp_sde_gpu": ((-1,), 0),
+    "sample_seeds_2": ((-1,), 0),
+    "sample_seeds_3": ((-1, -1), 0),  # two stages between σ_i and σ_i+1 after the report
+    "sample_sa_solver_pece": ((-1,), 1),  # from step 1 on: the corrector evaluates at σ_i again after report i
+    "sample_heunpp2": ((0, 1), 0),  # after report i: σ_i+1, σ_i+2, σ_i+1
+}
+
+
 # -- one sampler run -----------------------------------------------------------------------------
 class ComfyRun:
     """One sampler run: its `Stabilizer` (fresh state), attention capture and step window."""
@@ -169,6 +186,7 @@ class ComfyRun:
         #: The run ends at σ = 0 (no leftover noise): decided before sampling, from the copy.
         self.ends_at_zero = not self._schedule or self._schedule[-1] <= 0.0
         self._steps_done: int | None = None  # steps the sampler reported done (its callback)
+        self._since_report = 0  # evaluations since the sampler's latest step report
         self._evaluations = 0
         self._sigma_fallback = False  # the sampler reports no steps: σ is read per evaluation
         s = settings
@@ -176,6 +194,7 @@ class ComfyRun:
         self._mask = denoise_mask if isinstance(denoise_mask, torch.Tensor) else None
         self._shape_noted = False
         name = getattr(getattr(sampler, "sampler_function", None), "__name__", "")
+        self._report_offsets = REPORT_OFFSETS.get(name, ((), 0))
         self.stabilizer.begin_pass(evaluations_per_step=2 if name in common.SECOND_ORDER_LAST_SINGLE else 1)
 
     def note(self, message: str) -> None:
@@ -207,13 +226,21 @@ class ComfyRun:
         schedule is unknown. The index is the sampler's own step counter (`step_callback`: the
         steps it reported done), so σ — a device tensor — is not read back per evaluation; a
         second-order sampler's extra evaluation after its step's report counts as the next step,
-        as in `step_of_sigma`. A sampler that reports no step by its third evaluation falls back to
+        as in `step_of_sigma` for one at the next σ (Heun); samplers whose evaluations after a
+        report lie elsewhere (a midpoint σ: `REPORT_OFFSETS`) get `step_of_sigma`'s index by
+        their count since the report. A sampler that reports no step by its third evaluation falls back to
         σ's position in the schedule (one host read per evaluation, noted)."""
         if not self._needs_position or self._schedule is None or not isinstance(sigma, torch.Tensor):
             return None, None
         n = len(self._schedule) - 1
         if self._steps_done is not None or self._evaluations < 3:
-            return (min(self._steps_done or 0, n - 1), n) if n >= 1 else (None, None)
+            if n < 1:
+                return None, None
+            done = self._steps_done or 0
+            offsets, first = self._report_offsets
+            if self._steps_done is not None and done - 1 >= first and self._since_report < len(offsets):
+                done += offsets[self._since_report]
+            return min(max(done, 0), n - 1), n
         if not self._sigma_fallback:
             self._sigma_fallback = True
             self.note("this sampler reports no steps: the step window is placed by σ (one host read per "
@@ -227,6 +254,7 @@ class ComfyRun:
         def qsilk_step_callback(step, *args, **kwargs):
             if isinstance(step, int):
                 self._steps_done = step + 1
+                self._since_report = 0
             if callback is not None:
                 return callback(step, *args, **kwargs)
             return None
@@ -246,6 +274,7 @@ class ComfyRun:
             return x0
         step, total = self._position_of(sigma)
         self._evaluations += 1
+        self._since_report += 1
         return self.stabilizer.post_cfg(x0, step, total, probe_map, sigma=sigma, nmask=fitting_mask(self._mask, x0))
 
     def finish(self, samples: Any) -> Any:

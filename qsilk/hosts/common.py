@@ -200,8 +200,6 @@ def pop_job(p: Any) -> Any | None:
     return getattr(p, "__dict__", {}).pop(JOB_ATTR, None)
 
 
-#: Attribute on a function QSilk put on ``p.sample``: ``(had_own, own)`` — whether ``p`` had its
-#: own ``sample`` attribute before, and which — so it can be taken off again exactly.
 def call_arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
     """The argument of a wrapped host call at position `index`, else keyword `name` (``None`` if absent)."""
     return args[index] if len(args) > index else kwargs.get(name)
@@ -214,6 +212,8 @@ def with_call_arg(args: tuple, kwargs: dict, index: int, name: str, value: Any) 
     return args, {**kwargs, name: value}
 
 
+#: Attribute on a function QSilk put on ``p.sample``: ``(had_own, own)`` — whether ``p`` had its
+#: own ``sample`` attribute before, and which — so it can be taken off again exactly.
 RESTORE_ATTR = "_qsilk_restore"
 
 

@@ -44,6 +44,7 @@ import copy
 import functools
 import inspect
 import logging
+import sys
 import types
 import weakref
 from dataclasses import dataclass, field
@@ -152,6 +153,7 @@ class _Denoiser:
     probe: EntropyProbe | None = None
     handles: list = field(default_factory=list)
     img_ids: Any = None
+    attn: Any = None  # the probed attention module
 
 
 class DiffusersRun:
@@ -238,6 +240,7 @@ class DiffusersRun:
             return
         den.probe = EntropyProbe(heads=self.settings.probe_heads, max_queries=self.settings.probe_queries)
         den.probe.attach(attn, factor=probe_layer_factor(module, name))
+        den.attn = attn
 
     def _wrap(self, scheduler: Any) -> None:
         """Put QSilk's ``step`` on this scheduler object (once), keeping the signature."""
@@ -358,9 +361,9 @@ class DiffusersRun:
                 sample = args[0] if args else kwargs.get("sample")
                 if isinstance(sample, torch.Tensor) and sample.dim() == 4 and self.stabilizer.in_window(
                         ps.count, ps.total):
-                    chunks, cond = _cfg_layout(ps.pipe)
+                    chunks, cond, probed = _cfg_layout(ps.pipe, den.attn)
                     den.probe.begin_evaluation(tuple(sample.shape[-2:]), sample.shape[0] // chunks,
-                                               functools.partial(_cond_rows, chunks, cond))
+                                               functools.partial(_cond_rows, probed, cond))
                     ps.eval_probe = den.probe
         except Exception as exc:
             self.glue_error("preparing an evaluation", exc)
@@ -379,6 +382,12 @@ class DiffusersRun:
                 if getattr(candidate, "scheduler", None) is scheduler:
                     pipe, index = candidate, i
                     break
+        running = _calling_pipeline(scheduler)
+        if running is not None and running is not pipe:
+            # pipelines sharing this scheduler (``Img2ImgPipeline(**pipe.components)``): the pass's
+            # loop length and CFG layout are those of the pipeline whose call is running
+            pipe = running
+            index = next((i for i, pipe_of in enumerate(self._pipes) if pipe_of() is running), index)
         index = index or 0
         kind = None
         if self.pass_kind is not None:
@@ -572,6 +581,24 @@ def _denoiser_of(pipe: Any) -> torch.nn.Module | None:
     return None
 
 
+def _calling_pipeline(scheduler: Any, depth: int = 64) -> Any:
+    """The pipeline whose ``__call__`` is running on this thread with this scheduler (the nearest
+    such frame), or None. Read once per pass, when it starts: pipelines built from one another's
+    components share the scheduler and the denoiser, so only the call stack says which one runs."""
+    frame = sys._getframe(1)
+    while frame is not None and depth > 0:
+        depth -= 1
+        if frame.f_code.co_name == "__call__":
+            obj = frame.f_locals.get("self")
+            try:
+                if getattr(obj, "scheduler", None) is scheduler and _denoiser_of(obj) is not None:
+                    return obj
+            except Exception:
+                pass
+        frame = frame.f_back
+    return None
+
+
 def _pass_length(pipe: Any, scheduler: Any) -> int | None:
     """Evaluations in this pass: the pipeline's loop length (``_num_timesteps``, set before its
     loop), else the scheduler's timesteps from its begin index."""
@@ -602,12 +629,17 @@ def _ends_at_zero(scheduler: Any, family: str | None, timestep: Any) -> bool:
     return index >= len(sigmas) - 1
 
 
-def _cfg_layout(pipe: Any) -> tuple[int, int]:
-    """``(chunks, cond chunk)`` of the denoiser's batch: ``[uncond; cond]`` with CFG, a third
-    (perturbed) chunk with PAG, else one cond chunk."""
+def _cfg_layout(pipe: Any, attn: Any = None) -> tuple[int, int, int]:
+    """``(chunks, cond chunk, chunks at the probed layer's to_q)`` of the denoiser's batch:
+    ``[uncond; cond]`` with CFG, a third (perturbed) chunk with PAG, else one cond chunk. Where PAG
+    put its processor on the probed layer (``PAGCFGIdentitySelfAttnProcessor2_0`` /
+    ``PAGIdentitySelfAttnProcessor2_0``: ``to_q`` sees the chunks before the perturbed one only),
+    ``to_q``'s rows lack the perturbed chunk."""
     cfg = bool(getattr(pipe, "do_classifier_free_guidance", False))
     pag = bool(getattr(pipe, "do_perturbed_attention_guidance", False))
-    return 1 + int(cfg) + int(pag), int(cfg)
+    chunks = 1 + int(cfg) + int(pag)
+    pag_here = pag and type(getattr(attn, "processor", None)).__name__.startswith("PAG")
+    return chunks, int(cfg), chunks - int(pag_here)
 
 
 def _cond_rows(chunks: int, cond: int, rows: int) -> list[tuple[int, int, int]] | None:

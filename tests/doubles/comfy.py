@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from . import forge_backend as fb
-from .k_diffusion import sample_euler, sample_heun
+from .k_diffusion import sample_dpm_2, sample_euler, sample_heun
 
 
 class WrappersMP:
@@ -256,11 +256,12 @@ def sample_unipc_bh2(model, noise, sigmas, extra_args=None, callback=None, disab
 
 def _stand_in(name):
     """A k-diffusion sampler of ComfyUI's list: its name (``sample_<name>``, what QSilk reads for
-    the evaluations per step) on the double's Euler or Heun stepping. None of them writes to its
-    sigmas at a125cd84: ``offset_first_sigma_for_snr`` clones before changing σ₀, ``dpm_fast`` /
-    ``dpm_adaptive`` only read ``sigmas[-1]`` / ``sigmas[-2]``."""
-    second_order = name in ("heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde")
-    base = sample_heun if second_order else sample_euler
+    the evaluations per step) on the double's Euler, Heun or DPM-2 (midpoint) stepping. None of them
+    writes to its sigmas at a125cd84: ``offset_first_sigma_for_snr`` clones before changing σ₀,
+    ``dpm_fast`` / ``dpm_adaptive`` only read ``sigmas[-1]`` / ``sigmas[-2]``."""
+    midpoint = name in ("dpm_2", "dpmpp_sde")  # the report, then an evaluation between two sigmas
+    second_order = name in ("heun", "dpm_2_ancestral", "dpmpp_2s_ancestral")
+    base = sample_dpm_2 if midpoint else sample_heun if second_order else sample_euler
 
     def sampler_function(model, x, sigmas, extra_args=None, callback=None, disable=None):
         return base(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable)

@@ -86,6 +86,15 @@ def test_step_window_with_heun_counts_the_extra_evaluation_as_the_next_step():
     assert changed == [True, True, True, False, False]
 
 
+def test_step_window_with_dpm_2_counts_the_midpoint_evaluation_as_its_own_step():
+    patched, before, after = between(dc.sd15_like(), "Gentle", step_end=0.5)
+    dc.ksampler(patched, SD, steps=3, sampler_name="dpm_2")
+    # sigmas s0 s1 s2 0: evaluations at s0, mid(s0, s1), s1, mid(s1, s2), s2 -> step_of_sigma's
+    # indices 0 0 1 1 2 of n = 3 (the midpoint comes after the sampler's report of its step)
+    changed = [not torch.equal(b[0], a[0]) for b, a in zip(before, after)]
+    assert changed == [True, True, True, True, False]
+
+
 def test_step_window_from_the_samplers_callback_never_reads_sigma(monkeypatch):
     """The evaluation's step comes from the sampler's own step callback (issue #14): σ, a device
     tensor on a GPU, is never read back per evaluation; the node's own callback still runs."""
@@ -402,3 +411,35 @@ def test_an_interrupted_run_leaves_no_hooks_and_the_next_run_works():
     assert state.run is None
     dc.ksampler(patched, SD, steps=3)
     assert comfy.last_report(patched)["attn_maps"] == 3
+
+
+#: Evaluation σ and step reports ("cb", i) in the order the real samplers make them
+#: (ComfyUI a125cd84 ``comfy/k_diffusion/sampling.py``, recorded with a stand-in model on this schedule).
+RECORDED_SCHEDULE = [14.6, 7.0, 3.5, 1.5, 0.6, 0.0]
+RECORDED = {
+    "sample_heunpp2": [14.6, 0, 7.0, 3.5, 7.0, 1, 3.5, 1.5, 3.5, 2, 1.5, 0.6, 1.5, 3, 0.6, 0.6, 4],
+    "sample_sa_solver_pece": [14.6, 0, 7.0, 1, 7.0, 3.5, 2, 3.5, 1.5, 3, 1.5, 0.6, 4, 0.6],
+    "sample_dpm_2": [14.6, 0, 10.109, 7.0, 1, 4.95, 3.5, 2, 2.291, 1.5, 3, 0.949, 0.6, 4],
+    "sample_seeds_3": [14.6, 0, 11.427, 8.944, 7.0, 1, 5.556, 4.41, 3.5, 2, 2.639, 1.99, 1.5, 3, 1.105, 0.814,
+                       0.6, 4],
+    "sample_heun": [14.6, 0, 7.0, 7.0, 1, 3.5, 3.5, 2, 1.5, 1.5, 3, 0.6, 4],
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECORDED))
+def test_step_window_index_from_reports_matches_step_of_sigma_on_real_sequences(name):
+    """Each evaluation's step, from the sampler's reports and the evaluations since (no σ read),
+    is `step_of_sigma`'s index of its σ."""
+    import types
+    run = comfy.ComfyRun(Settings.from_preset("Gentle", step_start=0.3),
+                         types.SimpleNamespace(sampler_function=types.SimpleNamespace(__name__=name)),
+                         torch.tensor(RECORDED_SCHEDULE), None)
+    report, got, expected = run.step_callback(None), [], []
+    run.stabilizer.post_cfg = lambda x0, step, total, *a, **k: got.append(step) or x0
+    for event in RECORDED[name]:
+        if isinstance(event, int):
+            report(event, None, None, len(RECORDED_SCHEDULE) - 1)
+            continue
+        run.post_cfg({"denoised": torch.zeros(1, 4, 8, 8), "sigma": torch.tensor([event])})
+        expected.append(comfy.step_of_sigma(event, RECORDED_SCHEDULE)[0])
+    assert got == expected and len(got) == sum(isinstance(e, float) for e in RECORDED[name])
