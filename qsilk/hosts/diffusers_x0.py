@@ -121,7 +121,9 @@ def coefficients(scheduler: Any, family: str, name: str, timestep: Any,
             key = (id(acp), like.device)
             if key not in cache:
                 cache[key] = acp.to(device=like.device, dtype=torch.float32)
-            abar = cache[key][timestep.to(like.device).long().reshape(())]
+            # index_select, not ``[t]``: indexing with a 0-d tensor reads it back (`.item()`, a host
+            # sync on CUDA every step)
+            abar = cache[key].index_select(0, timestep.to(like.device).long().reshape(1)).reshape(())
         if kind == "epsilon":
             # ᾱ → 0 (a zero-terminal-SNR schedule's first step): no x0; as `Stabilizer.post_cfg_eps`,
             # x0 is formed with ᾱ clamped and the step's ε is kept as it is

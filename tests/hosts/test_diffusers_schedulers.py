@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -426,3 +428,28 @@ def test_packed_latents_without_flux_ids_pass_through_with_a_note():
         got = run_flow(scheduler)
     assert torch.equal(got, reference) and run.last_report["evaluations"] == 0
     assert any("without Flux-style img_ids" in n for n in run.last_report["notes"])
+
+
+ALPHA_PARAMS = [(n, c, p) for n, c, p in PARAMS if n in ("DDIMScheduler", "DDPMScheduler", "LCMScheduler", "TCDScheduler")]
+
+
+@pytest.mark.parametrize("name,config,prediction", ALPHA_PARAMS, ids=[f"{n}-{p}" for n, _, p in ALPHA_PARAMS])
+def test_timestep_schedulers_coefficients_read_nothing_back(name, config, prediction):
+    """The ᾱ of timestep schedulers (DDIM, DDPM, LCM, TCD) is gathered on the model's device with
+    the timestep tensor the pipeline passes (``acp[t]`` with a 0-d tensor calls ``.item()``: a host
+    sync on every step on CUDA — issue #14). Counted with the CPU profiler (bench/launch_count.py).
+    (σ schedulers read ``sigmas[step_index]``, which diffusers keeps on the CPU: no device sync.)"""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from bench import launch_count as lc
+
+    scheduler = make_scheduler(name, config, prediction)
+    family, cls = x0t.scheduler_family(scheduler)
+    assert family == "alpha"
+    t = scheduler.timesteps[1]
+    like, cache = torch.zeros(1, 4, 8, 8), {}
+    first = x0t.coefficients(scheduler, family, cls, t, like, cache)  # builds the per-pass cache
+    assert isinstance(first, x0t.Coefficients)
+    result = lc.count(lambda: x0t.coefficients(scheduler, family, cls, t, like, cache), warmup=0)
+    assert result["syncs"] == 0, result["sync_ops"]
+    by_int = x0t.coefficients(scheduler, family, cls, int(t), like)  # the plain ``acp[int(t)]`` lookup
+    assert all(torch.equal(torch.as_tensor(u), torch.as_tensor(v)) for u, v in zip(first[:2], by_int[:2]))
