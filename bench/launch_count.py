@@ -113,13 +113,29 @@ def _free(ev) -> bool:
     return False
 
 
-def _in_reduction(ev) -> bool:
+def _inside(ev, names: frozenset[str]) -> bool:
+    """Whether an op that encloses `ev` is one of `names`."""
     p = ev.cpu_parent
     while p is not None:
-        if p.name in REDUCTIONS:
+        if p.name in names:
             return True
         p = p.cpu_parent
     return False
+
+
+def _below(ev, wanted: Callable[[Any], bool]) -> bool:
+    """Whether an op that `ev` encloses is `wanted`."""
+    stack = list(ev.cpu_children)
+    while stack:
+        c = stack.pop()
+        if wanted(c):
+            return True
+        stack.extend(c.cpu_children)
+    return False
+
+
+def _in_reduction(ev) -> bool:
+    return _inside(ev, REDUCTIONS)
 
 
 def _launches_below(ev) -> bool:
@@ -127,43 +143,15 @@ def _launches_below(ev) -> bool:
     a reduction counts as one kernel whatever runs below it."""
     if ev.name in REDUCTIONS:
         return False
-    stack = list(ev.cpu_children)
-    while stack:
-        c = stack.pop()
-        if c.name.startswith("aten::") and not _free(c):
-            return True
-        stack.extend(c.cpu_children)
-    return False
+    return _below(ev, lambda c: c.name.startswith("aten::") and not _free(c))
 
 
 def _aten_below(ev) -> bool:
-    stack = list(ev.cpu_children)
-    while stack:
-        c = stack.pop()
-        if c.name.startswith("aten::"):
-            return True
-        stack.extend(c.cpu_children)
-    return False
+    return _below(ev, lambda c: c.name.startswith("aten::"))
 
 
 def _under(ev, scopes: frozenset[str] | None) -> bool:
-    if scopes is None:
-        return True
-    p = ev.cpu_parent
-    while p is not None:
-        if p.name in scopes:
-            return True
-        p = p.cpu_parent
-    return False
-
-
-def _inside(ev, scopes: frozenset[str]) -> bool:
-    p = ev.cpu_parent
-    while p is not None:
-        if p.name in scopes:
-            return True
-        p = p.cpu_parent
-    return False
+    return scopes is None or _inside(ev, scopes)
 
 
 def tally(events: Iterable, scopes: frozenset[str] | None = None, exclude: frozenset[str] = frozenset()) -> dict:
