@@ -38,24 +38,16 @@ def test_one_step_schedule_is_stabilised_and_ends_at_zero(sd15):
     assert run.ended_at_zero is True
 
 
-def test_img2img_sharing_the_scheduler_after_a_longer_txt2img(sd15):
+@pytest.mark.parametrize("attach_img2img", [True, False], ids=["both attached", "only txt2img attached"])
+def test_img2img_sharing_the_scheduler_after_a_longer_txt2img(sd15, attach_img2img):
     """`StableDiffusionImg2ImgPipeline(**pipe.components)` shares the scheduler object and the UNet:
-    its pass must count its own steps (not the txt2img call's stale loop length) and reach pre-decode."""
+    its pass must count its own steps (not the txt2img call's stale loop length) and reach pre-decode,
+    whether or not the img2img pipeline itself was attached."""
     img2img = diffusers.StableDiffusionImg2ImgPipeline(**sd15.components)
     img2img.set_progress_bar_config(disable=True)
     assert img2img.scheduler is sd15.scheduler
-    with qd.attach(sd15, img2img, settings=ALWAYS, echo=False) as run:
-        sd15(**dp.sd15_call(num_inference_steps=8))
-        img2img(prompt="a dog", image=torch.rand(1, 3, 32, 32), strength=0.25, num_inference_steps=8,
-                generator=torch.Generator().manual_seed(0), output_type="pt")
-    rep = run.last_report
-    assert rep["evaluations"] == 8 + 2 and rep["pre_decodes"] == 2, rep
-
-
-def test_img2img_sharing_everything_with_only_the_txt2img_attached(sd15):
-    img2img = diffusers.StableDiffusionImg2ImgPipeline(**sd15.components)
-    img2img.set_progress_bar_config(disable=True)
-    with qd.attach(sd15, settings=ALWAYS, echo=False) as run:
+    pipes = (sd15, img2img) if attach_img2img else (sd15,)
+    with qd.attach(*pipes, settings=ALWAYS, echo=False) as run:
         sd15(**dp.sd15_call(num_inference_steps=8))
         img2img(prompt="a dog", image=torch.rand(1, 3, 32, 32), strength=0.25, num_inference_steps=8,
                 generator=torch.Generator().manual_seed(0), output_type="pt")
